@@ -1,0 +1,176 @@
+"""CIFAR-10-LT and CIFAR-100-LT, built exactly as LDAM-DRW builds them (spec baselines.md §1).
+
+The balanced originals are read from the standard python-pickle batches under the data root;
+``ltbench data download`` fetches them. The long-tailed train set keeps, per class, the first n_i of
+a legacy-numpy (seed 0) shuffle; the test set is the full balanced one.
+"""
+
+from __future__ import annotations
+
+import pickle
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ltbench.data import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    Dataset,
+    DatasetInfo,
+    InMemorySplit,
+    LTData,
+    exp_profile_counts,
+    ldam_subsample,
+)
+from ltbench.errors import UserError
+
+
+@dataclass
+class CIFARLTOptions:
+    rho: float = 100.0  # imbalance ratio n_max / n_min
+    subsample_seed: int = 0  # LDAM-DRW's rand_number; 0 reproduces every published CIFAR-LT number
+
+
+class _CIFARLT(Dataset):
+    Options = CIFARLTOptions
+    VERSION = 1
+    num_classes: ClassVar[int]
+    folder: ClassVar[str]
+    train_files: ClassVar[tuple[str, ...]]
+    test_files: ClassVar[tuple[str, ...]]
+    label_key: ClassVar[str]
+    names_file: ClassVar[str]
+    names_key: ClassVar[str]
+    url: ClassVar[str]
+    md5: ClassVar[str]
+    paper_split: ClassVar[tuple[int, int]]
+
+    def load(self) -> LTData:
+        folder = self.locate()
+        train_x, train_y = self._read(folder, self.train_files)
+        test_x, test_y = self._read(folder, self.test_files)
+        n_max = len(train_y) / self.num_classes
+        counts = exp_profile_counts(n_max, self.num_classes, self.options.rho)
+        kept, ranks = ldam_subsample(train_y, counts, seed=self.options.subsample_seed)
+        info = DatasetInfo(
+            name=self.name,
+            num_classes=self.num_classes,
+            train_counts=tuple(counts),
+            image_size=32,
+            mean=CIFAR_MEAN,
+            std=CIFAR_STD,
+            class_names=self._class_names(folder),
+            paper_split=self.paper_split,
+            extras={"kept_ranks": ranks},
+        )
+        return LTData(info, InMemorySplit(train_x[kept], train_y[kept]), InMemorySplit(test_x, test_y), kept)
+
+    def locate(self) -> Path:
+        """The batches folder: ``<root>/<folder>`` or the root itself."""
+        for candidate in (self.data_root / self.folder, self.data_root):
+            if all((candidate / f).is_file() for f in self.train_files + self.test_files):
+                return candidate
+        raise UserError(
+            f"{self.name}: the CIFAR python-pickle batches were not found in {self.data_root / self.folder} "
+            f"(nor directly in {self.data_root}); expected files {', '.join(self.train_files + self.test_files)}. "
+            f"Point --data-root (or LTBENCH_DATA) at the folder that contains {self.folder}/, "
+            f"or fetch it with `ltbench data download {self.name} --data-root DIR` on a machine with internet."
+        )
+
+    def _read(self, folder: Path, files: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = [], []
+        for name in files:
+            path = folder / name
+            try:
+                with open(path, "rb") as fh:
+                    batch = pickle.load(fh, encoding="latin1")
+                data = np.asarray(batch["data"], dtype=np.uint8)
+                target = np.asarray(batch[self.label_key], dtype=np.int64)
+            except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as exc:
+                raise UserError(
+                    f"{self.name}: {path} is not a readable CIFAR python-pickle batch ({type(exc).__name__}: {exc}). "
+                    f"Delete the folder and download it again, or point --data-root at an intact copy."
+                ) from exc
+            if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(target):
+                raise UserError(
+                    f"{self.name}: {path} has data of shape {data.shape} and {len(target)} labels; "
+                    f"expected (N, 3072) uint8 with N labels. The copy is corrupt: download it again."
+                )
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(target)
+        x, y = np.concatenate(images), np.concatenate(labels)
+        per_class = np.bincount(y, minlength=self.num_classes)
+        if y.min() < 0 or y.max() >= self.num_classes or len(set(per_class.tolist())) != 1:
+            raise UserError(
+                f"{self.name}: the batches in {folder} have per-class counts {per_class.tolist()}; the CIFAR "
+                f"originals are balanced with {self.num_classes} classes. The copy is incomplete or corrupt."
+            )
+        return np.ascontiguousarray(x), y
+
+    def _class_names(self, folder: Path) -> tuple[str, ...]:
+        try:
+            with open(folder / self.names_file, "rb") as fh:
+                return tuple(pickle.load(fh, encoding="latin1")[self.names_key])
+        except (OSError, KeyError, pickle.UnpicklingError, EOFError):
+            return tuple(str(i) for i in range(self.num_classes))
+
+    @classmethod
+    def download(cls, data_root: Path, url: str | None = None, md5: str | None = None) -> Path:
+        """Fetch and unpack the original archive into ``data_root`` (atomic: unpack, then rename)."""
+        from torchvision.datasets.utils import check_integrity
+
+        data_root.mkdir(parents=True, exist_ok=True)
+        target = data_root / cls.folder
+        if target.exists():
+            return target
+        url, md5 = url or cls.url, md5 or cls.md5
+        with tempfile.TemporaryDirectory(dir=data_root, prefix=".download-") as tmp:
+            archive = Path(tmp) / "archive.tar.gz"
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+            except OSError as exc:
+                raise UserError(
+                    f"Downloading {cls.name} from {url} failed ({exc}). Without internet, copy the "
+                    f"{cls.folder}/ folder of the python-pickle release into {data_root} by hand."
+                ) from exc
+            if not check_integrity(str(archive), md5):
+                raise UserError(f"The archive downloaded from {url} does not have md5 {md5}; not unpacking it.")
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+            (Path(tmp) / cls.folder).rename(target)
+        return target
+
+
+class CIFAR10LT(_CIFARLT):
+    """CIFAR-10-LT: 10 classes, n_max 5000; rho 100 keeps 12,406 training images."""
+
+    num_classes = 10
+    folder = "cifar-10-batches-py"
+    train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
+    test_files = ("test_batch",)
+    label_key = "labels"
+    names_file, names_key = "batches.meta", "label_names"
+    url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    md5 = "c58f30108f718f92721af3b95e74349a"
+    paper_split = (3, 7)
+
+
+class CIFAR100LT(_CIFARLT):
+    """CIFAR-100-LT: 100 classes, n_max 500; rho 100 keeps 10,847 training images."""
+
+    num_classes = 100
+    folder = "cifar-100-python"
+    train_files = ("train",)
+    test_files = ("test",)
+    label_key = "fine_labels"
+    names_file, names_key = "meta", "fine_label_names"
+    url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+    md5 = "eb9058c3a382ffc7106e4002c42a8d85"
+    paper_split = (36, 71)

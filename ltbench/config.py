@@ -1,0 +1,197 @@
+"""Typed, validated hyperparameters and the frozen, hashed configuration of one run.
+
+Precedence when resolving a run: dataclass defaults < preset (``"*"`` then the dataset's own entry)
+< ``--epochs`` < ``--set key=value``. The resolved values are written to ``config.json`` and hashed
+into the run id, so the same resolved configuration always maps to the same run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ltbench.errors import UserError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class TrainHparams:
+    """Settings every method shares; methods subclass this and add their own fields."""
+
+    epochs: int = 200
+    batch_size: int = 128  # the global batch: micro-batches x accumulation x devices
+    lr: float = 0.1
+    lr_base_batch: int = 0  # >0: lr is given per this batch and scaled linearly (DeiT: 512)
+    lr_scale_batch: int = 0  # the batch the scaling uses; 0 = batch_size (DeiT-LT's code excludes accumulation)
+    optimizer: str = "sgd"  # sgd | adamw
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    sched: str = "multistep"  # multistep | cosine
+    sched_per_step: bool = False  # step the schedule at fractional epochs (DeiT) instead of once per epoch
+    warmup_epochs: int = 0
+    warmup_lr: float = 0.0  # lr at the first warm-up epoch
+    min_lr: float = 0.0
+    milestones: tuple[int, ...] = ()
+    decay_rate: float = 0.1
+    sam_rho: float = 0.0  # >0: Sharpness-Aware Minimization with this radius
+    sam_rho_steps: tuple[float, ...] = ()  # step schedule of the SAM radius; overrides sam_rho when set
+    sam_rho_epochs: tuple[int, ...] = ()  # 0-based epochs at which sam_rho_steps[1:] start
+    ema_decay: float = 0.0  # >0: keep an EMA of the model weights (saved; evaluated only with eval_ema)
+    eval_ema: bool = False
+    eval_every: int = 1  # evaluate on the test split every N epochs (and always at the last epoch)
+    repeated_aug: int = 1  # DeiT's repeated augmentation: each image N times per epoch, epoch length kept
+    workers: int = 2
+
+    def validate(self) -> None:
+        """Reject contradictory or out-of-range settings with a message that says which field."""
+        _check(self.epochs >= 1, "epochs must be >= 1")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.lr > 0, "lr must be > 0")
+        _check(self.optimizer in {"sgd", "adamw"}, f"optimizer must be sgd or adamw, not {self.optimizer!r}")
+        _check(self.sched in {"multistep", "cosine"}, f"sched must be multistep or cosine, not {self.sched!r}")
+        _check(self.sam_rho >= 0, "sam_rho must be >= 0")
+        _check(
+            not self.sam_rho_steps or len(self.sam_rho_steps) == len(self.sam_rho_epochs) + 1,
+            "sam_rho_steps needs exactly one more value than sam_rho_epochs",
+        )
+        _check(self.eval_every >= 1, "eval_every must be >= 1")
+        _check(self.repeated_aug >= 1, "repeated_aug must be >= 1")
+        _check(self.warmup_epochs < self.epochs or self.epochs == 1, "warmup_epochs must be < epochs")
+
+    def effective_lr(self) -> float:
+        if not self.lr_base_batch:
+            return self.lr
+        return self.lr * (self.lr_scale_batch or self.batch_size) / self.lr_base_batch
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(f"Invalid hyperparameter: {message}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Coercion of "key=value" strings and override dicts into typed dataclass fields
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert ``value`` (a string from the CLI or a JSON value) to the field's declared type."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in {"none", "null"}):
+            return None
+        return coerce(value, args[0], key)
+    if origin is tuple:
+        item_type = typing.get_args(annotation)[0]
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(coerce(v, item_type, key) for v in value)
+    try:
+        if annotation is bool:
+            return _to_bool(value)
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{key}={value!r} is not a valid {annotation.__name__}.") from exc
+    raise UserError(f"{key}: unsupported field type {annotation!r}.")
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(value)
+
+
+def apply_overrides(instance: Any, overrides: Mapping[str, Any], what: str) -> Any:
+    """Return a copy of a dataclass instance with typed overrides; unknown keys list the valid ones."""
+    types_ = field_types(type(instance))
+    unknown = sorted(set(overrides) - set(types_))
+    if unknown:
+        raise UserError(
+            f"Unknown {what} key(s) {', '.join(unknown)}. Valid keys: {', '.join(sorted(types_))}."
+        )
+    typed = {k: coerce(v, types_[k], k) for k, v in overrides.items()}
+    return dataclasses.replace(instance, **typed)
+
+
+def parse_set_options(items: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Split ``--set key=value`` items into (method hparams, dataset options ``data.key=value``)."""
+    hparams: dict[str, str] = {}
+    data: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set expects key=value, got {item!r}.")
+        if key.startswith("data."):
+            data[key[5:]] = value
+        else:
+            hparams[key] = value
+    return hparams, data
+
+
+def to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    return obj
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run's numbers. Runtime choices (device, paths) are not part of it."""
+
+    method: str
+    dataset: str
+    data: Mapping[str, Any]
+    hparams: Mapping[str, Any]
+    seed: int = 0
+    preset: str = "default"
+    versions: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in payload.items() if k in names})

@@ -1,0 +1,186 @@
+"""What every dataset plugin returns, and the long-tail arithmetic shared by all of them.
+
+A dataset yields a :class:`DatasetInfo` plus a train and a test split. A split is either
+in memory (uint8 images, CIFAR and ``synthetic``) or a list of image files (ImageNet-LT, iNat,
+Places-LT); the input pipeline in :mod:`ltbench.augment` knows how to feed both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ltbench.errors import UserError
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Facts about a dataset that methods, the evaluator and the report need."""
+
+    name: str
+    num_classes: int
+    train_counts: tuple[int, ...]
+    image_size: int  # native side length of the stored images
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    class_names: tuple[str, ...] = ()
+    # The DeiT-LT / Saddle index-range split: head = [0, paper_split[0]), mid = [paper_split[0], paper_split[1]).
+    paper_split: tuple[int, int] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InMemorySplit:
+    """Images as a uint8 array (N, H, W, 3) and integer labels."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class FileListSplit:
+    """Image files under ``root`` with integer labels (decoded on the fly)."""
+
+    root: Path
+    paths: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+Split = InMemorySplit | FileListSplit
+
+
+@dataclass
+class LTData:
+    info: DatasetInfo
+    train: Split
+    test: Split
+    train_indices: np.ndarray | None = None  # indices into the original balanced train set, when subsampled
+
+
+@dataclass
+class DatasetOptions:
+    """Options of datasets without any (subclasses add fields such as ``rho``)."""
+
+
+class Dataset:
+    """Base class of dataset plugins: declare ``Options`` and implement :meth:`load`."""
+
+    name: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+    Options: ClassVar[type] = DatasetOptions
+
+    def __init__(self, options: Any, data_root: Path) -> None:
+        self.options = options
+        self.data_root = data_root
+
+    def load(self) -> LTData:
+        raise NotImplementedError
+
+    @classmethod
+    def validate_options(cls, options: Any) -> None:
+        rho = getattr(options, "rho", None)
+        if rho is not None and not rho >= 1:
+            raise UserError(f"The imbalance ratio rho must be >= 1 (rho = n_max / n_min), got {rho}.")
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("LTBENCH_DATA", "data")).expanduser().resolve()
+
+
+# ----------------------------------------------------------------------------------------------
+# Long-tail profile and group arithmetic
+
+
+def exp_profile_counts(n_max: float, num_classes: int, rho: float) -> list[int]:
+    """Per-class counts n_i = floor(n_max * (1/rho)^(i/(C-1))), computed in LDAM-DRW's power form.
+
+    The exp/log form gives off-by-one counts for the tail (spec baselines.md §1.1), so the power of
+    ``imb_factor`` is used exactly as the reference code does.
+    """
+    if num_classes == 1:
+        return [int(n_max)]
+    imb_factor = 1.0 / rho
+    return [int(n_max * (imb_factor ** (i / (num_classes - 1.0)))) for i in range(num_classes)]
+
+
+def ldam_subsample(labels: np.ndarray, counts: Sequence[int], seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Select the LT subset exactly as LDAM-DRW (and PaCo, DeiT-LT, Saddle) do.
+
+    Seeds numpy's legacy global-style RNG once, then for each class in ascending order shuffles
+    the ascending indices of that class and keeps the first n_c. Returns the kept global indices
+    (class blocks in class order) and, per class, the kept within-class ranks in shuffled order.
+    """
+    rng = np.random.RandomState(seed)
+    kept, ranks = [], []
+    for cls, n_keep in enumerate(counts):
+        class_idx = np.flatnonzero(labels == cls)
+        order = np.arange(len(class_idx))
+        rng.shuffle(order)
+        ranks.append(order[:n_keep].astype(np.int64))
+        kept.append(class_idx[order[:n_keep]])
+    return np.concatenate(kept).astype(np.int64), ranks
+
+
+def rank_fingerprint(ranks: Sequence[np.ndarray]) -> str:
+    """First 16 hex digits of sha256 over the little-endian int64 kept ranks, class by class."""
+    digest = hashlib.sha256()
+    for r in ranks:
+        digest.update(np.asarray(r, dtype="<i8").tobytes())
+    return digest.hexdigest()[:16]
+
+
+def indices_sha256(indices: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(indices, dtype="<i8").tobytes()).hexdigest()
+
+
+SHOT_GROUPS = ("many", "medium", "few")
+
+
+def shot_group_of(count: int) -> str:
+    """The standard OLTR rule on training counts: many > 100, medium 20..100, few < 20."""
+    if count > 100:
+        return "many"
+    if count >= 20:
+        return "medium"
+    return "few"
+
+
+def shot_groups(train_counts: Sequence[int]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {g: [] for g in SHOT_GROUPS}
+    for cls, count in enumerate(train_counts):
+        groups[shot_group_of(count)].append(cls)
+    return groups
+
+
+def paper_groups(num_classes: int, split: tuple[int, int] | None) -> dict[str, list[int]] | None:
+    """DeiT-LT's fixed index ranges (head / mid / tail), reported as many / medium / few."""
+    if split is None:
+        return None
+    head_end, mid_end = split
+    return {
+        "many": list(range(0, head_end)),
+        "medium": list(range(head_end, mid_end)),
+        "few": list(range(mid_end, num_classes)),
+    }
+
+
+def frequency_order(counts: Sequence[int]) -> np.ndarray:
+    """Class ids sorted by descending training count, ties by id (a stable argsort of -count)."""
+    return np.argsort(-np.asarray(counts), kind="stable")

@@ -1,0 +1,40 @@
+"""``ltbench data info``: what a long-tailed dataset looks like, with fingerprints for exact reproduction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ltbench import config as cfgmod
+from ltbench.data import default_data_root, indices_sha256, paper_groups, rank_fingerprint, shot_groups
+from ltbench.registry import DATASETS
+
+
+def dataset_summary(dataset: str, rho: float | None, sets: Sequence[str], data_root: Path | None) -> dict[str, Any]:
+    from ltbench.stages import _dataset_options
+
+    cls = DATASETS.get(dataset)
+    overrides, _ = cfgmod.parse_set_options(sets)
+    options = _dataset_options(cls, rho, overrides)
+    data = cls(options, (data_root or default_data_root()).resolve()).load()
+    info = data.info
+    groups = shot_groups(info.train_counts)
+    summary: dict[str, Any] = {
+        "dataset": dataset,
+        "options": cfgmod.to_jsonable(options),
+        "num_classes": info.num_classes,
+        "train_total": int(sum(info.train_counts)),
+        "test_total": len(data.test),
+        "class_counts": list(info.train_counts),
+        "imbalance_ratio": max(info.train_counts) / max(1, min(info.train_counts)),
+        "groups_counts_rule": {g: len(c) for g, c in groups.items()},
+    }
+    paper = paper_groups(info.num_classes, info.paper_split)
+    if paper is not None:
+        summary["groups_paper_split"] = {g: len(c) for g, c in paper.items()}
+    if "kept_ranks" in info.extras:
+        summary["rank_fingerprint"] = rank_fingerprint(info.extras["kept_ranks"])
+    if data.train_indices is not None:
+        summary["train_indices_sha256"] = indices_sha256(data.train_indices)
+    return summary

@@ -1,0 +1,384 @@
+"""The one training loop every method runs through.
+
+The engine knows nothing about any loss. Per optimizer step it: prepares each micro-batch once
+(without gradients), accumulates gradients over the micro-batches that make up the global batch,
+optionally applies SAM's ascent step and second pass on the same prepared batches, steps the
+optimizer and schedule, and lets the method update non-gradient state. Per epoch it evaluates
+when due, appends a metrics line and writes a full checkpoint atomically, so an interrupted run
+resumes by running the same command and loses at most the epoch in progress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ltbench import augment
+from ltbench.config import RunConfig, TrainHparams
+from ltbench.data import LTData
+from ltbench.evaluate import Evaluator, predict_split
+from ltbench.method import Method, Upstream
+from ltbench.models import count_parameters
+from ltbench.records import RunRecord, atomic_torch_save, atomic_write_json
+from ltbench.sam import SAM
+
+
+@dataclass
+class Runtime:
+    """How to run, as opposed to what to run: none of this changes the run id."""
+
+    results: Path
+    data_root: Path
+    device: str = "auto"
+    compile: bool = False
+    micro_batch: int = 0  # per-device forward batch; 0 = the whole global batch in one pass
+    workers: int | None = None  # data-loader workers; None = the method's setting
+    progress: bool = True
+    save_logits: bool = False
+    stop_after_epochs: int | None = None  # leave the run resumable after this many epochs (time-boxed jobs)
+    download: bool = False
+    echo: Any = field(default=print, repr=False)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def seed_hash(*parts: Any) -> int:
+    """A 31-bit seed derived from its parts, stable across Python versions and processes."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains one method on one dataset into one run folder."""
+
+    def __init__(self, config: RunConfig, hp: TrainHparams, method_cls: type[Method], data: LTData,
+                 evaluator: Evaluator, record: RunRecord, runtime: Runtime, upstream: dict[str, Upstream]) -> None:
+        self.config, self.hp, self.data, self.evaluator = config, hp, data, evaluator
+        self.record, self.runtime = record, runtime
+        self.device = runtime.torch_device()
+        self.amp = autocast_dtype(self.device)
+        seed_everything(seed_hash(config.seed, "init"))
+        self.method = method_cls(hp, data.info, self.device, upstream)
+        for module in self.method.state_modules().values():
+            module.to(self.device)
+        if runtime.compile:
+            self.method.trainable().compile()
+        self.optimizer = self._build_optimizer()
+        self.micro = min(runtime.micro_batch or hp.batch_size, hp.batch_size)
+        self.accum = math.ceil(hp.batch_size / self.micro)
+        self.steps_per_epoch = math.ceil(self._epoch_samples() / self.micro / self.accum)
+        self.scheduler = self._build_scheduler()
+        self.sam = SAM(self.method.trainable()) if (hp.sam_rho > 0 or hp.sam_rho_steps) else None
+        self.ema = self._build_ema()
+        self.start_epoch, self.best, self.train_time, self.train_images = 0, None, 0.0, 0
+
+    # --- construction ------------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        from timm.optim import create_optimizer_v2
+
+        hp = self.hp
+        kwargs: dict[str, Any] = {"momentum": hp.momentum} if hp.optimizer == "sgd" else {}
+        if self.device.type == "cuda" and hp.optimizer == "adamw":
+            kwargs["fused"] = True
+        return create_optimizer_v2(self.method.trainable(), opt=hp.optimizer, lr=hp.effective_lr(),
+                                   weight_decay=hp.weight_decay, filter_bias_and_bn=self.method.filter_bias_and_bn,
+                                   **kwargs)
+
+    def _build_scheduler(self):
+        from timm.scheduler import create_scheduler_v2
+
+        hp = self.hp
+        scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=hp.sched, num_epochs=hp.epochs, decay_milestones=list(hp.milestones),
+            decay_rate=hp.decay_rate, min_lr=hp.min_lr, warmup_lr=hp.warmup_lr or hp.effective_lr(),
+            warmup_epochs=hp.warmup_epochs, step_on_epochs=not hp.sched_per_step,
+            updates_per_epoch=self.steps_per_epoch,
+        )
+        return scheduler
+
+    def _build_ema(self):
+        if self.hp.ema_decay <= 0:
+            return None
+        from timm.utils import ModelEmaV3
+
+        return ModelEmaV3(self.method.trainable(), decay=self.hp.ema_decay)
+
+    def _epoch_samples(self) -> int:
+        n = len(self.data.train)
+        if self.hp.repeated_aug > 1:
+            return (n // 256) * 256 if n >= 256 else n
+        drop_last = getattr(self.hp, "drop_last", False)
+        return (n // self.micro) * self.micro if drop_last else n
+
+    # --- checkpoint ----------------------------------------------------------------------------
+    def state(self, next_epoch: int) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        return {
+            "epoch": next_epoch,
+            "modules": {k: m.state_dict() for k, m in self.method.state_modules().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "rng": {"torch": torch.get_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
+                                                              *np_state[2:]], "python": list(random.getstate()[1])},
+            "best": self.best,
+            "train_time": self.train_time,
+            "train_images": self.train_images,
+        }
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        for name, module in self.method.state_modules().items():
+            module.load_state_dict(ckpt["modules"][name])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.ema and ckpt.get("ema"):
+            self.ema.load_state_dict(ckpt["ema"])
+        self.start_epoch, self.best = ckpt["epoch"], ckpt["best"]
+        self.train_time, self.train_images = ckpt["train_time"], ckpt["train_images"]
+
+    # --- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        ckpt = self.record.load_checkpoint(self.device)
+        if ckpt is not None:
+            self.restore(ckpt)
+            self.runtime.echo(f"Resuming {self.record.run_id} from epoch {self.start_epoch}.")
+        rows = [r for r in self.record.metrics() if r["epoch"] < self.start_epoch]
+        self.record.write_metrics(rows)
+        eval_loader = augment.eval_loader(self.data.test, self.method.eval_transform(), self._eval_batch(),
+                                          self._workers())
+        epochs_this_call = 0
+        for epoch in range(self.start_epoch, self.hp.epochs):
+            if self.runtime.stop_after_epochs is not None and epochs_this_call >= self.runtime.stop_after_epochs:
+                return {}
+            row = self.train_epoch(epoch)
+            if (epoch + 1) % self.hp.eval_every == 0 or epoch + 1 == self.hp.epochs:
+                row["eval"] = self.evaluate(eval_loader, epoch)
+            rows.append(row)
+            self.record.write_metrics(rows)
+            atomic_torch_save(self.record.checkpoint_path, self.state(epoch + 1))
+            epochs_this_call += 1
+        return self.finish(eval_loader, rows)
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        seed_everything(seed_hash(self.config.seed, "epoch", epoch))
+        self.method.on_epoch_start(epoch)
+        if not self.hp.sched_per_step:
+            self.scheduler.step(epoch)
+        loader = augment.train_loader(
+            self.data.train, self.method.train_transform(), self.micro, seed=seed_hash(self.config.seed, "data", epoch),
+            workers=self._workers(), drop_last=getattr(self.hp, "drop_last", False),
+            repeated_aug=self.hp.repeated_aug, pin_memory=self.device.type == "cuda",
+        )
+        self.method.trainable().train()
+        sums: dict[str, torch.Tensor] = {}
+        images, start = 0, time.perf_counter()
+        with self._progress(epoch) as progress:
+            for step, micro_batches in enumerate(_group(loader, self.accum)):
+                if self.hp.sched_per_step:
+                    self.scheduler.step_update(epoch * self.steps_per_epoch + step)
+                logs = self.step(micro_batches, epoch)
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0) + v
+                images += sum(len(y) for _, y in micro_batches)
+                progress(step, sums, images, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.train_time += elapsed
+        self.train_images += images
+        n_steps = max(1, step + 1)
+        return {
+            "epoch": epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train": {k: float(v) / n_steps for k, v in sums.items()},  # one host sync per epoch
+            "epoch_time_s": elapsed,
+            "images_per_s": images / max(elapsed, 1e-9),
+        }
+
+    def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> dict[str, torch.Tensor]:
+        """One optimizer step over the micro-batches that make up the global batch."""
+        prepared = []
+        with torch.no_grad(), self._autocast():
+            for x, y in micro_batches:
+                prepared.append(self.method.prepare(_to(x, self.device), _to(y, self.device)))
+        logs = self._accumulate(prepared)
+        if self.sam is not None:
+            self.sam.ascend(self._sam_rho(epoch))
+            self._accumulate(prepared)
+            self.sam.descend()
+        self.optimizer.step()
+        self.method.after_step()
+        if self.ema is not None:
+            self.ema.update(self.method.trainable())
+        return logs
+
+    def _accumulate(self, prepared: list[Any]) -> dict[str, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        logs: dict[str, torch.Tensor] = {}
+        for batch in prepared:
+            with self._autocast():
+                loss, parts = self.method.loss(batch)
+            (loss / len(prepared)).backward()
+            for k, v in {"loss": loss, **parts}.items():
+                logs[k] = logs.get(k, 0) + v.detach().float() / len(prepared)
+        return logs
+
+    def _sam_rho(self, epoch: int) -> float:
+        hp = self.hp
+        if not hp.sam_rho_steps:
+            return hp.sam_rho
+        index = sum(1 for start in hp.sam_rho_epochs if epoch >= start)
+        return hp.sam_rho_steps[index]
+
+    # --- evaluation and results ----------------------------------------------------------------
+    def evaluate(self, loader, epoch: int) -> dict[str, Any]:
+        metrics = self._evaluate_full(loader)
+        if self.best is None or metrics["heads"]["main"]["top1"] > self.best["heads"]["main"]["top1"]:
+            self.best = {"epoch": epoch, **metrics}
+        return _summary(metrics)
+
+    def _evaluate_full(self, loader, keep_logits: bool = False) -> dict[str, Any]:
+        for module in self.method.state_modules().values():
+            module.eval()
+        logits, labels = predict_split(self.method.predict, loader, self.device, self.amp)
+        if self.ema is not None and self.hp.eval_ema:
+            ema_logits, _ = predict_split(lambda x: {"main": self.ema.module(x)}, loader, self.device, self.amp)
+            logits["ema"] = ema_logits["main"]
+        metrics = self.evaluator.evaluate(logits, labels, self.data.info)
+        if keep_logits:
+            metrics["_logits"], metrics["_labels"] = logits, labels
+        return metrics
+
+    def finish(self, eval_loader, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        final = self._evaluate_full(eval_loader, keep_logits=self.runtime.save_logits)
+        if self.runtime.save_logits:
+            np.savez_compressed(self.record.path / "test_logits.npz", labels=final.pop("_labels").numpy(),
+                                **{k: v.numpy() for k, v in final.pop("_logits").items()})
+        model = self.method.trainable()
+        result = {
+            "run_id": self.record.run_id,
+            "config": self.config.to_dict(),
+            "method": self.config.method,
+            "dataset": self.config.dataset,
+            "class_counts": list(self.data.info.train_counts),
+            "final": {"epoch": self.hp.epochs - 1, **final},
+            "best": self.best,
+            "selection": "final = last epoch; best = epoch with the highest main-head top-1 on the test split "
+                         "(the protocol of LDAM-DRW, PaCo and DeiT-LT's code; optimistic)",
+            "wall_time_s": self.train_time,
+            "device_hours": self.train_time * max(1, torch.cuda.device_count() if self.device.type == "cuda" else 1)
+            / 3600,
+            "images_per_s": self.train_images / max(self.train_time, 1e-9),
+            "parameters": count_parameters(model),
+            "device": str(self.device),
+            "upstream": {role: {"run_id": up.record.run_id, "method": up.config.method,
+                                "top1": up.record.result()["final"]["heads"]["main"]["top1"]}
+                         for role, up in self.method.upstream.items()},
+            **self.method.describe(),
+        }
+        diagnostics = self._diagnostics()
+        if diagnostics:
+            atomic_write_json(self.record.path / "diagnostics.json", diagnostics)
+        atomic_write_json(self.record.path / "result.json", result)
+        return result
+
+    def _diagnostics(self) -> dict[str, Any]:
+        n = min(256, len(self.data.test))
+        indices = np.random.RandomState(0).choice(len(self.data.test), size=n, replace=False)
+        loader = augment.eval_loader(self.data.test, self.method.eval_transform(), n, 0, indices=sorted(indices))
+        x, _ = next(iter(loader))
+        with torch.no_grad():
+            return self.method.diagnostics(x.to(self.device))
+
+    # --- small helpers -------------------------------------------------------------------------
+    def _workers(self) -> int:
+        return self.runtime.workers if self.runtime.workers is not None else self.hp.workers
+
+    def _eval_batch(self) -> int:
+        return max(self.micro, 256)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
+    def _progress(self, epoch: int):
+        return _EpochProgress(self, epoch)
+
+
+class _EpochProgress:
+    """A rich progress bar for one epoch; reads device values only every ``every`` steps."""
+
+    every = 10
+
+    def __init__(self, trainer: Trainer, epoch: int) -> None:
+        self.trainer, self.epoch = trainer, epoch
+        self.enabled = trainer.runtime.progress
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda *args: None
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            transient=True)
+        self.bar.__enter__()
+        self.task = self.bar.add_task(f"epoch {self.epoch + 1}/{self.trainer.hp.epochs}",
+                                      total=self.trainer.steps_per_epoch, stats="")
+        return self.update
+
+    def update(self, step: int, sums: dict[str, torch.Tensor], images: int, elapsed: float) -> None:
+        stats = None
+        if step % self.every == 0 or step + 1 == self.trainer.steps_per_epoch:
+            loss = float(sums.get("loss", 0.0)) / (step + 1)
+            lr = self.trainer.optimizer.param_groups[0]["lr"]
+            stats = f"loss {loss:.4f}  lr {lr:.2e}  {images / max(elapsed, 1e-9):,.0f} img/s"
+        self.bar.update(self.task, completed=step + 1, **({"stats": stats} if stats else {}))
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+
+def _group(loader: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in loader:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Per-epoch metrics without the per-class vectors (those go to result.json)."""
+    return {head: {k: v for k, v in m.items() if k != "per_class"} for head, m in metrics["heads"].items()}

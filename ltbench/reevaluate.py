@@ -1,0 +1,40 @@
+"""``ltbench eval RUN --recompute``: rebuild a run's method from its folder and evaluate its checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ltbench.engine import Runtime, Trainer
+from ltbench.errors import UserError
+from ltbench.method import Upstream
+from ltbench.records import RunRecord, atomic_write_json, find_run, run_record
+from ltbench.registry import EVALUATORS, METHODS
+
+
+def reevaluate(record: RunRecord, runtime: Runtime) -> dict[str, Any]:
+    """Evaluate the latest checkpoint; writes ``eval.json`` (never touches ``result.json``)."""
+    from ltbench import stages
+
+    config = record.config()
+    ckpt = record.load_checkpoint()
+    if ckpt is None:
+        raise UserError(f"Run {record.run_id} has no checkpoint yet ({record.checkpoint_path}); nothing to evaluate.")
+    upstream = {}
+    for role, cfg in METHODS.get(config.method).requires(config).items():
+        up = run_record(runtime.results, cfg)
+        if not up.done:
+            up = find_run(runtime.results, cfg.run_id)
+        upstream[role] = Upstream(cfg, up)
+    trainer = Trainer(config, stages.hparams_of(config), METHODS.get(config.method), stages.load_data(config, runtime),
+                      EVALUATORS.get("longtail")(), record, runtime, upstream)
+    trainer.restore(ckpt)
+    from ltbench import augment
+
+    loader = augment.eval_loader(trainer.data.test, trainer.method.eval_transform(), trainer._eval_batch(),
+                                 trainer._workers())
+    metrics = trainer._evaluate_full(loader)
+    result = {"run_id": record.run_id, "method": config.method, "dataset": config.dataset, "config": config.to_dict(),
+              "final": {"epoch": ckpt["epoch"] - 1, **metrics}, "best": ckpt.get("best"),
+              "note": f"re-evaluated from the checkpoint after epoch {ckpt['epoch']}"}
+    atomic_write_json(record.path / "eval.json", result)
+    return result

@@ -1,0 +1,93 @@
+"""Name -> plugin class registries, filled by decorators and by entry points of installed packages.
+
+Built-in plugins are declared as entry points in ``pyproject.toml`` exactly like third-party ones,
+so there is one discovery path. The decorator exists for plugins defined in scripts or tests.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from importlib.metadata import entry_points
+from typing import Generic, TypeVar
+
+from ltbench.errors import UserError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A named collection of plugin classes of one kind (methods, datasets or evaluators)."""
+
+    def __init__(self, kind: str, group: str) -> None:
+        self.kind = kind
+        self.group = group
+        self._entries: dict[str, type[T]] = {}
+        self._discovered = False
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        """Class decorator: ``@METHODS.register("ldam_drw")``."""
+
+        def decorate(cls: type[T]) -> type[T]:
+            self.add(name, cls)
+            return cls
+
+        return decorate
+
+    def add(self, name: str, cls: type[T]) -> None:
+        existing = self._entries.get(name)
+        if existing is not None and existing is not cls:
+            raise ValueError(
+                f"{self.kind} {name!r} is registered twice: by {_qualname(existing)} and by {_qualname(cls)}."
+            )
+        cls.name = name  # type: ignore[attr-defined]
+        self._entries[name] = cls
+
+    def get(self, name: str) -> type[T]:
+        self._discover()
+        if name not in self._entries:
+            close = difflib.get_close_matches(name, self._entries, n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise UserError(
+                f"Unknown {self.kind} {name!r}.{hint} Available: {', '.join(sorted(self._entries))}. "
+                f"Plugins from other packages register through the entry-point group {self.group!r}."
+            )
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        self._discover()
+        return sorted(self._entries)
+
+    def __iter__(self) -> Iterator[tuple[str, type[T]]]:
+        self._discover()
+        return iter(sorted(self._entries.items()))
+
+    def __contains__(self, name: object) -> bool:
+        self._discover()
+        return name in self._entries
+
+    def _discover(self) -> None:
+        if self._discovered:
+            return
+        self._discovered = True
+        for ep in entry_points(group=self.group):
+            if ep.name in self._entries:
+                continue
+            try:
+                cls = ep.load()
+            except Exception as exc:  # a broken third-party plugin must not take the whole tool down
+                raise UserError(f"The {self.kind} plugin {ep.name!r} ({ep.value}) failed to import: {exc}") from exc
+            self.add(ep.name, cls)
+
+    def refresh(self) -> None:
+        """Re-read entry points (after installing a plugin package in the same process)."""
+        self._discovered = False
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+METHODS: Registry = Registry("method", "ltbench.methods")
+DATASETS: Registry = Registry("dataset", "ltbench.datasets")
+EVALUATORS: Registry = Registry("evaluator", "ltbench.evaluators")

@@ -1,0 +1,164 @@
+"""From user intent to finished run folders: resolve a config, then train it and its upstream runs once.
+
+``ensure`` is the single entry point used by ``ltbench run``, by every sweep trial and by methods
+that need a teacher: a finished run (``DONE``) is reused, an interrupted one resumes from its
+checkpoint, a missing one is trained, and upstream runs (teachers) are ensured first, recursively.
+A file lock per run folder makes concurrent trials that share a teacher train it only once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ltbench import config as cfgmod
+from ltbench.config import RunConfig
+from ltbench.data import Dataset, LTData
+from ltbench.engine import Runtime, Trainer
+from ltbench.errors import UserError
+from ltbench.method import Method, Upstream
+from ltbench.records import RunRecord, atomic_write_json, run_record
+from ltbench.registry import DATASETS, EVALUATORS, METHODS
+
+
+def make_config(method: str, dataset: str, *, rho: float | None = None, seed: int = 0, preset: str | None = None,
+                epochs: int | None = None, sets: Sequence[str] = (), hparams: Mapping[str, Any] | None = None,
+                data_options: Mapping[str, Any] | None = None) -> RunConfig:
+    """Resolve defaults < preset < ``epochs`` < ``--set`` into a validated, frozen :class:`RunConfig`."""
+    method_cls: type[Method] = METHODS.get(method)
+    dataset_cls: type[Dataset] = DATASETS.get(dataset)
+    set_hparams, set_data = cfgmod.parse_set_options(sets)
+    options = _dataset_options(dataset_cls, rho, {**(data_options or {}), **set_data})
+    preset = preset or method_cls.default_preset
+    if preset not in method_cls.presets:
+        raise UserError(f"Method {method!r} has no preset {preset!r}. Presets: {', '.join(sorted(method_cls.presets))}.")
+    hp = resolve_hparams(method_cls, preset, dataset, epochs, {**(hparams or {}), **set_hparams})
+    versions = {"schema": cfgmod.SCHEMA_VERSION, "method": method_cls.VERSION, "dataset": dataset_cls.VERSION}
+    return RunConfig(method=method, dataset=dataset, data=cfgmod.to_jsonable(options), hparams=cfgmod.to_jsonable(hp),
+                     seed=int(seed), preset=preset, versions=versions)
+
+
+def resolve_hparams(method_cls: type[Method], preset: str, dataset: str, epochs: int | None,
+                    overrides: Mapping[str, Any]) -> Any:
+    hp = method_cls.Hparams()
+    table = method_cls.presets[preset]
+    for layer in (table.get("*", {}), table.get(dataset, {})):
+        hp = cfgmod.apply_overrides(hp, layer, f"{method_cls.name} hyperparameter")
+    if epochs is not None:
+        hp = cfgmod.apply_overrides(hp, {"epochs": epochs}, "hyperparameter")
+    hp = cfgmod.apply_overrides(hp, overrides, f"{method_cls.name} hyperparameter")
+    hp.validate()
+    return hp
+
+
+def _dataset_options(dataset_cls: type[Dataset], rho: float | None, overrides: Mapping[str, Any]) -> Any:
+    options = dataset_cls.Options()
+    if rho is not None:
+        if not hasattr(options, "rho"):
+            raise UserError(f"Dataset {dataset_cls.name!r} has a fixed imbalance; --rho does not apply to it.")
+        overrides = {"rho": rho, **overrides}
+    options = cfgmod.apply_overrides(options, overrides, f"{dataset_cls.name} option (--set data.KEY=VALUE)")
+    dataset_cls.validate_options(options)
+    return options
+
+
+def hparams_of(config: RunConfig) -> Any:
+    """The typed hyperparameters of a resolved config."""
+    method_cls = METHODS.get(config.method)
+    return cfgmod.apply_overrides(method_cls.Hparams(), dict(config.hparams), f"{config.method} hyperparameter")
+
+
+def load_data(config: RunConfig, runtime: Runtime) -> LTData:
+    dataset_cls = DATASETS.get(config.dataset)
+    options = cfgmod.apply_overrides(dataset_cls.Options(), dict(config.data), "dataset option")
+    if runtime.download and hasattr(dataset_cls, "download"):
+        dataset_cls.download(runtime.data_root)
+    return dataset_cls(options, runtime.data_root).load()
+
+
+def ensure(config: RunConfig, runtime: Runtime) -> RunRecord:
+    """Make sure ``config`` has a finished run folder; train what is missing (upstream first)."""
+    record = run_record(runtime.results, config)
+    if record.done:
+        return record
+    method_cls: type[Method] = METHODS.get(config.method)
+    upstream = {role: Upstream(cfg, ensure(cfg, runtime)) for role, cfg in method_cls.requires(config).items()}
+    if runtime.stop_after_epochs is not None and any(not u.record.done for u in upstream.values()):
+        return record  # an upstream run was time-boxed: the student waits for the next call
+    _check_writable(runtime)
+    with record.lock():
+        if record.done:  # another process finished it while we waited for the lock
+            return record
+        train(config, record, runtime, upstream)
+    return record
+
+
+def train(config: RunConfig, record: RunRecord, runtime: Runtime, upstream: dict[str, Upstream]) -> None:
+    data = load_data(config, runtime)
+    _write_metadata(config, record, runtime)
+    evaluator = EVALUATORS.get("longtail")()
+    runtime.echo(f"Training {config.method} on {config.dataset} {dict(config.data)} seed {config.seed} "
+                 f"-> {record.path}")
+    trainer = Trainer(config, hparams_of(config), METHODS.get(config.method), data, evaluator, record, runtime,
+                      upstream)
+    result = trainer.fit()
+    if result:
+        record.mark_done()
+
+
+def _write_metadata(config: RunConfig, record: RunRecord, runtime: Runtime) -> None:
+    path = record.path / "config.json"
+    if path.exists():
+        existing = json.loads(path.read_text())
+        if existing != config.to_dict():
+            raise UserError(f"{path} holds a different configuration than run id {config.run_id}; refusing to "
+                            f"mix runs. Move the folder away and run again.")
+    else:
+        atomic_write_json(path, config.to_dict())
+    atomic_write_json(record.path / "env.json", environment(runtime))
+
+
+def environment(runtime: Runtime) -> dict[str, Any]:
+    import platform
+    import subprocess
+
+    import numpy
+    import timm
+    import torch
+    import torchvision
+
+    import ltbench
+
+    device = runtime.torch_device()
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=str(_package_root())).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return {
+        "ltbench": ltbench.__version__, "git_sha": sha, "python": platform.python_version(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+        "numpy": numpy.__version__, "platform": platform.platform(), "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu_count": __import__("os").cpu_count(), "runtime": {k: str(v) for k, v in dataclasses.asdict(runtime).items()
+                                                              if k != "echo"},
+    }
+
+
+def _package_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent
+
+
+def _check_writable(runtime: Runtime) -> None:
+    try:
+        runtime.results.mkdir(parents=True, exist_ok=True)
+        probe = runtime.results / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"The results folder {runtime.results} is not writable ({exc.strerror}). "
+                        f"Choose another with --results DIR.") from exc
