@@ -151,6 +151,7 @@ class _CIFARLT(Dataset):
 class CIFAR10LT(_CIFARLT):
     """CIFAR-10-LT: 10 classes, n_max 5000; rho 100 keeps 12,406 training images."""
 
+    name = "cifar10lt"
     num_classes = 10
     folder = "cifar-10-batches-py"
     train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -165,6 +166,7 @@ class CIFAR10LT(_CIFARLT):
 class CIFAR100LT(_CIFARLT):
     """CIFAR-100-LT: 100 classes, n_max 500; rho 100 keeps 10,847 training images."""
 
+    name = "cifar100lt"
     num_classes = 100
     folder = "cifar-100-python"
     train_files = ("train",)

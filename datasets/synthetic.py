@@ -29,6 +29,7 @@ class SyntheticOptions:
 class SyntheticLT(Dataset):
     """``synthetic``: generated LT images with learnable class structure (no files needed)."""
 
+    name = "synthetic"
     Options = SyntheticOptions
     VERSION = 1
 

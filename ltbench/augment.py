@@ -79,8 +79,8 @@ def deit_train(info: DatasetInfo, img_size: int, auto_augment: str | None, re_pr
 
 
 def resize_eval(info: DatasetInfo, img_size: int) -> Callable:
-    """Evaluation: native images as they are; upsampled models get DeiT's resize-256/crop-224 ratio."""
-    if img_size == info.image_size:
+    """Evaluation: fixed-size native images as they are; otherwise DeiT's resize-256/crop-224 ratio."""
+    if img_size == info.image_size and not info.variable_size:
         return T.Compose([T.ToTensor(), normalize(info)])
     resize = int(round(img_size * 256 / 224))
     return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
@@ -106,25 +106,65 @@ class RepeatSampler(Sampler[int]):
         return iter(order[: self.length].tolist())
 
 
-def train_loader(split: Split, transform: Callable, batch_size: int, *, seed: int, workers: int, drop_last: bool,
-                 repeated_aug: int = 1, pin_memory: bool = False) -> DataLoader:
-    """A loader whose shuffle and augmentation randomness are fixed by ``seed`` (one per epoch)."""
+class MicroBatchSampler(Sampler[list[int]]):
+    """Cuts an epoch's order into global batches, then each global batch into micro-batches.
+
+    ``drop_last`` drops an incomplete *global* batch, so accumulating micro-batches gives exactly
+    the batches of a single large forward. ``group_sizes`` says how many micro-batches form each step.
+    """
+
+    def __init__(self, order: Sampler[int], global_batch: int, micro_batch: int, drop_last: bool) -> None:
+        self.order, self.global_batch, self.micro, self.drop_last = order, global_batch, micro_batch, drop_last
+        n = len(order)  # type: ignore[arg-type]
+        sizes = [global_batch] * (n // global_batch)
+        if n % global_batch and not drop_last:
+            sizes.append(n % global_batch)
+        self.group_sizes = [-(-size // micro_batch) for size in sizes]
+        self.length = sum(sizes)
+
+    def __len__(self) -> int:
+        return sum(self.group_sizes)
+
+    def __iter__(self):
+        indices = list(self.order)[: self.length]
+        for start in range(0, self.length, self.global_batch):
+            chunk = indices[start : start + self.global_batch]
+            for offset in range(0, len(chunk), self.micro):
+                yield chunk[offset : offset + self.micro]
+
+
+def train_loader(split: Split, transform: Callable, global_batch: int, micro_batch: int, *, seed: int, workers: int,
+                 drop_last: bool, repeated_aug: int = 1, pin_memory: bool = False) -> DataLoader:
+    """A loader of micro-batches whose shuffle and augmentation randomness are fixed by ``seed`` (one per epoch)."""
     generator = torch.Generator().manual_seed(seed)
     dataset = SplitDataset(split, transform)
-    sampler = RepeatSampler(len(dataset), repeated_aug, generator) if repeated_aug > 1 else None
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
-        num_workers=workers, drop_last=drop_last, pin_memory=pin_memory, worker_init_fn=_seed_worker,
-        persistent_workers=False,
-    )
+    if repeated_aug > 1:
+        order: Sampler[int] = RepeatSampler(len(dataset), repeated_aug, generator)
+    else:
+        order = torch.utils.data.RandomSampler(dataset, generator=generator)
+    batches = MicroBatchSampler(order, global_batch, micro_batch, drop_last)
+    return DataLoader(dataset, batch_sampler=batches, generator=generator, num_workers=workers,
+                      pin_memory=pin_memory, worker_init_fn=_seed_worker, **_worker_options(split, workers, False))
 
 
 def eval_loader(split: Split, transform: Callable, batch_size: int, workers: int,
-                indices: Sequence[int] | None = None, pin_memory: bool = False) -> DataLoader:
+                indices: Sequence[int] | None = None, pin_memory: bool = False,
+                persistent_workers: bool | None = None) -> DataLoader:
+    """In-order batches. ``persistent_workers=None``: on for image files, as one loader serves every evaluation."""
     dataset: torch.utils.data.Dataset = SplitDataset(split, transform)
     if indices is not None:
         dataset = torch.utils.data.Subset(dataset, list(indices))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
+    if persistent_workers is None:
+        persistent_workers = isinstance(split, FileListSplit)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+                      **_worker_options(split, workers, persistent_workers))
+
+
+def _worker_options(split: Split, workers: int, persistent: bool) -> dict[str, Any]:
+    """Options torch accepts only with workers > 0; decoding image files gets a deeper prefetch queue."""
+    if workers <= 0:
+        return {}
+    return {"persistent_workers": persistent, "prefetch_factor": 4 if isinstance(split, FileListSplit) else None}
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -135,3 +175,90 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# CNN-baseline recipes (LDAM-DRW / Saddle on ImageNet-LT and iNat, PaCo's two views)
+
+
+class Cutout:
+    """Zero one ``size`` x ``size`` square of a tensor image, centred uniformly (clipped at the border)."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+        y0, y1 = max(0, cy - self.size // 2), min(h, cy + self.size // 2)
+        x0, x1 = max(0, cx - self.size // 2), min(w, cx + self.size // 2)
+        img = img.clone()
+        img[..., y0:y1, x0:x1] = 0
+        return img
+
+
+class RandomGaussianBlur:
+    """PIL Gaussian blur with a radius drawn uniformly from ``sigma`` (MoCo v2 / SimCLR style)."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        from PIL import ImageFilter
+
+        radius = float(torch.empty(()).uniform_(*self.sigma))
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+class TwoViews:
+    """Apply two transforms to the same image; the loader collates them into ``[first, second]``."""
+
+    def __init__(self, first: Callable, second: Callable) -> None:
+        self.first, self.second = first, second
+
+    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
+        return [self.first(img), self.second(img)]
+
+
+def imagenet_crop_jitter(info: DatasetInfo, img_size: int) -> Callable:
+    """Saddle-LongTail's ImageNet-LT / iNat training transform: RandomResizedCrop, flip, ColorJitter(0.4, 0.4, 0.4)."""
+    return T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4, 0.0),
+                      T.ToTensor(), normalize(info)])
+
+
+def center_crop_eval(info: DatasetInfo, img_size: int) -> Callable:
+    """The torchvision ImageNet evaluation: bilinear resize of the short side to 256/224 x size, centre crop."""
+    resize = int(round(img_size * 256 / 224))
+    return T.Compose([T.Resize(resize), T.CenterCrop(img_size), T.ToTensor(), normalize(info)])
+
+
+def simclr_view(info: DatasetInfo, img_size: int, crop_scale: tuple[float, float], hue: float,
+                jitter_prob: float, flip_first: bool) -> Callable:
+    """PaCo's "sim" key view: random resized crop, colour jitter, grayscale 0.2, Gaussian blur 0.5, flip."""
+    crop = [T.RandomResizedCrop(img_size, scale=crop_scale)]
+    flip = [T.RandomHorizontalFlip()]
+    colour = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, hue)], p=jitter_prob), T.RandomGrayscale(p=0.2),
+              T.RandomApply([RandomGaussianBlur((0.1, 2.0))], p=0.5)]
+    ops = crop + flip + colour if flip_first else crop + colour + flip
+    return T.Compose([*ops, T.ToTensor(), normalize(info)])
+
+
+def paco_cifar_views(info: DatasetInfo, img_size: int = 32, cutout: int = 16) -> TwoViews:
+    """PaCo's CIFAR views: (crop+flip, AutoAugment CIFAR-10 policy, Cutout 16) and a SimCLR key view."""
+    query = T.Compose([T.RandomCrop(img_size, padding=4), T.RandomHorizontalFlip(),
+                       T.AutoAugment(T.AutoAugmentPolicy.CIFAR10), T.ToTensor(), Cutout(cutout), normalize(info)])
+    key = simclr_view(info, img_size, crop_scale=(0.2, 1.0), hue=0.1, jitter_prob=0.8, flip_first=True)
+    return TwoViews(query, key)
+
+
+def paco_imagenet_views(info: DatasetInfo, img_size: int = 224, rand_augment: str = "rand-n2-m10-mstd0.5") -> TwoViews:
+    """PaCo's ImageNet-LT / iNat views: ("randcls") crop, flip, jitter, timm RandAugment; ("sim") SimCLR view."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    _patch_timm_posterize()
+    hparams = {"translate_const": int(img_size * 0.45), "img_mean": tuple(round(255 * m) for m in info.mean)}
+    query = T.Compose([T.RandomResizedCrop(img_size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
+                       T.ColorJitter(0.4, 0.4, 0.4, 0.0), rand_augment_transform(rand_augment, hparams),
+                       T.ToTensor(), normalize(info)])
+    key = simclr_view(info, img_size, crop_scale=(0.08, 1.0), hue=0.0, jitter_prob=1.0, flip_first=False)
+    return TwoViews(query, key)

@@ -33,7 +33,8 @@ def runtime_options(func):
                      help="Results folder; runs go to RESULTS/runs/<run_id>/."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--compile/--no-compile", "compile_", default=False, help="torch.compile the trained model."),
-        click.option("--micro-batch", type=int, default=0, help="Per-device forward batch; accumulate to the preset's."),
+        click.option("--micro-batch", type=int, default=0,
+                     help="Per-device forward batch; gradients accumulate to the preset's batch."),
         click.option("--workers", type=int, default=None, help="Data-loader worker processes."),
         click.option("--download", is_flag=True, help="Download the dataset first if it is missing (needs internet)."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
@@ -112,10 +113,7 @@ def eval_(run_ref, heads, recompute, **rt) -> None:
 
     runtime = make_runtime(**rt)
     record = find_run(runtime.results, run_ref)
-    if recompute or not record.done:
-        result = reevaluate(record, runtime)
-    else:
-        result = record.result()
+    result = reevaluate(record, runtime) if recompute or not record.done else record.result()
     print_result(result, all_heads=heads)
 
 

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from ltbench import augment
 from ltbench.config import RunConfig, TrainHparams
 from ltbench.data import LTData
+from ltbench.errors import UserError
 from ltbench.evaluate import Evaluator, predict_split
 from ltbench.method import Method, Upstream
 from ltbench.models import count_parameters
@@ -90,8 +91,10 @@ class Trainer:
             self.method.trainable().compile()
         self.optimizer = self._build_optimizer()
         self.micro = min(runtime.micro_batch or hp.batch_size, hp.batch_size)
-        self.accum = math.ceil(hp.batch_size / self.micro)
-        self.steps_per_epoch = math.ceil(self._epoch_samples() / self.micro / self.accum)
+        if getattr(hp, "drop_last", False) and len(data.train) < hp.batch_size:
+            raise UserError(f"The training split has {len(data.train)} images, fewer than one batch of "
+                            f"{hp.batch_size} with drop_last: lower batch_size with --set batch_size=N.")
+        self.steps_per_epoch = self._steps_per_epoch()
         self.scheduler = self._build_scheduler()
         self.sam = SAM(self.method.trainable()) if (hp.sam_rho > 0 or hp.sam_rho_steps) else None
         self.ema = self._build_ema()
@@ -113,11 +116,13 @@ class Trainer:
         from timm.scheduler import create_scheduler_v2
 
         hp = self.hp
+        # warmup_prefix (a method's field, PaCo's): the schedule after the warm-up spans the remaining epochs
+        prefix = getattr(hp, "warmup_prefix", False)
         scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched=hp.sched, num_epochs=hp.epochs, decay_milestones=list(hp.milestones),
-            decay_rate=hp.decay_rate, min_lr=hp.min_lr, warmup_lr=hp.warmup_lr or hp.effective_lr(),
-            warmup_epochs=hp.warmup_epochs, step_on_epochs=not hp.sched_per_step,
-            updates_per_epoch=self.steps_per_epoch,
+            self.optimizer, sched=hp.sched, num_epochs=hp.epochs - (hp.warmup_epochs if prefix else 0),
+            decay_milestones=list(hp.milestones), decay_rate=hp.decay_rate, min_lr=hp.min_lr,
+            warmup_lr=hp.warmup_lr or hp.effective_lr(), warmup_epochs=hp.warmup_epochs, warmup_prefix=prefix,
+            step_on_epochs=not hp.sched_per_step, updates_per_epoch=self.steps_per_epoch,
         )
         return scheduler
 
@@ -128,12 +133,13 @@ class Trainer:
 
         return ModelEmaV3(self.method.trainable(), decay=self.hp.ema_decay)
 
-    def _epoch_samples(self) -> int:
+    def _steps_per_epoch(self) -> int:
         n = len(self.data.train)
         if self.hp.repeated_aug > 1:
-            return (n // 256) * 256 if n >= 256 else n
-        drop_last = getattr(self.hp, "drop_last", False)
-        return (n // self.micro) * self.micro if drop_last else n
+            n = (n // 256) * 256 if n >= 256 else n
+        if getattr(self.hp, "drop_last", False):
+            return max(1, n // self.hp.batch_size)
+        return math.ceil(n / self.hp.batch_size)
 
     # --- checkpoint ----------------------------------------------------------------------------
     def state(self, next_epoch: int) -> dict[str, Any]:
@@ -171,8 +177,7 @@ class Trainer:
         self.record.write_metrics(rows)
         eval_loader = augment.eval_loader(self.data.test, self.method.eval_transform(), self._eval_batch(),
                                           self._workers())
-        epochs_this_call = 0
-        for epoch in range(self.start_epoch, self.hp.epochs):
+        for epochs_this_call, epoch in enumerate(range(self.start_epoch, self.hp.epochs)):
             if self.runtime.stop_after_epochs is not None and epochs_this_call >= self.runtime.stop_after_epochs:
                 return {}
             row = self.train_epoch(epoch)
@@ -181,7 +186,6 @@ class Trainer:
             rows.append(row)
             self.record.write_metrics(rows)
             atomic_torch_save(self.record.checkpoint_path, self.state(epoch + 1))
-            epochs_this_call += 1
         return self.finish(eval_loader, rows)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -190,15 +194,16 @@ class Trainer:
         if not self.hp.sched_per_step:
             self.scheduler.step(epoch)
         loader = augment.train_loader(
-            self.data.train, self.method.train_transform(), self.micro, seed=seed_hash(self.config.seed, "data", epoch),
-            workers=self._workers(), drop_last=getattr(self.hp, "drop_last", False),
-            repeated_aug=self.hp.repeated_aug, pin_memory=self.device.type == "cuda",
+            self.data.train, self.method.train_transform(), self.hp.batch_size, self.micro,
+            seed=seed_hash(self.config.seed, "data", epoch), workers=self._workers(),
+            drop_last=getattr(self.hp, "drop_last", False), repeated_aug=self.hp.repeated_aug,
+            pin_memory=self.device.type == "cuda",
         )
         self.method.trainable().train()
         sums: dict[str, torch.Tensor] = {}
         images, start = 0, time.perf_counter()
         with self._progress(epoch) as progress:
-            for step, micro_batches in enumerate(_group(loader, self.accum)):
+            for step, micro_batches in enumerate(_group(loader, loader.batch_sampler.group_sizes)):
                 if self.hp.sched_per_step:
                     self.scheduler.step_update(epoch * self.steps_per_epoch + step)
                 logs = self.step(micro_batches, epoch)
@@ -223,7 +228,7 @@ class Trainer:
         prepared = []
         with torch.no_grad(), self._autocast():
             for x, y in micro_batches:
-                prepared.append(self.method.prepare(_to(x, self.device), _to(y, self.device)))
+                prepared.append((self.method.prepare(_to(x, self.device), _to(y, self.device)), len(y)))
         logs = self._accumulate(prepared)
         if self.sam is not None:
             self.sam.ascend(self._sam_rho(epoch))
@@ -235,15 +240,17 @@ class Trainer:
             self.ema.update(self.method.trainable())
         return logs
 
-    def _accumulate(self, prepared: list[Any]) -> dict[str, torch.Tensor]:
+    def _accumulate(self, prepared: list[tuple[Any, int]]) -> dict[str, torch.Tensor]:
+        """Gradients of the size-weighted mean of the micro-batch losses (= the loss of one big batch)."""
         self.optimizer.zero_grad(set_to_none=True)
+        total = sum(n for _, n in prepared)
         logs: dict[str, torch.Tensor] = {}
-        for batch in prepared:
+        for batch, n in prepared:
             with self._autocast():
                 loss, parts = self.method.loss(batch)
-            (loss / len(prepared)).backward()
+            (loss * (n / total)).backward()
             for k, v in {"loss": loss, **parts}.items():
-                logs[k] = logs.get(k, 0) + v.detach().float() / len(prepared)
+                logs[k] = logs.get(k, 0) + v.detach().float() * (n / total)
         return logs
 
     def _sam_rho(self, epoch: int) -> float:
@@ -339,9 +346,9 @@ class _EpochProgress:
     def __enter__(self):
         if not self.enabled:
             return lambda *args: None
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            transient=True)
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[stats]}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
         self.bar.__enter__()
         self.task = self.bar.add_task(f"epoch {self.epoch + 1}/{self.trainer.hp.epochs}",
                                       total=self.trainer.steps_per_epoch, stats="")
@@ -360,15 +367,11 @@ class _EpochProgress:
             self.bar.__exit__(*exc)
 
 
-def _group(loader: Iterable, size: int) -> Iterator[list]:
-    batch: list = []
-    for item in loader:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _group(loader: Iterable, sizes: list[int]) -> Iterator[list]:
+    """Micro-batches grouped into optimizer steps of the given sizes."""
+    items = iter(loader)
+    for size in sizes:
+        yield [next(items) for _ in range(size)]
 
 
 def _to(value: Any, device: torch.device) -> Any:

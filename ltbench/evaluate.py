@@ -78,12 +78,14 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins:
     for lo, hi in zip(edges[:-1], edges[1:]):
         in_bin = (conf > lo) & (conf <= hi)
         if in_bin.any():
-            ece += in_bin.double().mean().item() * abs(correct[in_bin].mean().item() - conf[in_bin].double().mean().item())
+            gap = correct[in_bin].mean().item() - conf[in_bin].double().mean().item()
+            ece += in_bin.double().mean().item() * abs(gap)
     return ece
 
 
 @torch.no_grad()
-def predict_split(predict, loader, device: torch.device, autocast_dtype: torch.dtype | None) -> tuple[dict, torch.Tensor]:
+def predict_split(predict, loader, device: torch.device,
+                  autocast_dtype: torch.dtype | None) -> tuple[dict, torch.Tensor]:
     """Run ``predict`` over a loader; return logits per head (float32, CPU) and labels."""
     outputs: dict[str, list[torch.Tensor]] = {}
     labels = []

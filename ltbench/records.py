@@ -95,7 +95,8 @@ class RunRecord:
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite metrics.jsonl atomically (on resume it is truncated to the checkpoint's epoch)."""
-        atomic_write_bytes(self.path / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        atomic_write_bytes(self.path / "metrics.jsonl", lines.encode())
 
     def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
         if not self.checkpoint_path.exists():

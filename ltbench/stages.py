@@ -33,7 +33,8 @@ def make_config(method: str, dataset: str, *, rho: float | None = None, seed: in
     options = _dataset_options(dataset_cls, rho, {**(data_options or {}), **set_data})
     preset = preset or method_cls.default_preset
     if preset not in method_cls.presets:
-        raise UserError(f"Method {method!r} has no preset {preset!r}. Presets: {', '.join(sorted(method_cls.presets))}.")
+        presets = ", ".join(sorted(method_cls.presets))
+        raise UserError(f"Method {method!r} has no preset {preset!r}. Presets: {presets}.")
     hp = resolve_hparams(method_cls, preset, dataset, epochs, {**(hparams or {}), **set_hparams})
     versions = {"schema": cfgmod.SCHEMA_VERSION, "method": method_cls.VERSION, "dataset": dataset_cls.VERSION}
     return RunConfig(method=method, dataset=dataset, data=cfgmod.to_jsonable(options), hparams=cfgmod.to_jsonable(hp),

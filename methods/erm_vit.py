@@ -79,13 +79,15 @@ VIT_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                     "batch_size": 256, "drop_path": 0.1, "workers": 8, "eval_every": 10}},
     # CPU-sized: about 0.2M parameters at 32 px; an epoch of CIFAR-10-LT in about a minute on 2 cores.
     "tiny": {"*": {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 2, "epochs": 10,
-                   "batch_size": 128, "drop_path": 0.0, "warmup_epochs": 1, "crop_scale_min": 0.35, "workers": 2}},
+                   "batch_size": 128, "lr": 2e-3, "drop_path": 0.0, "warmup_epochs": 1, "crop_scale_min": 0.35,
+                   "workers": 2}},
 }
 
 
 class ERMViT(Method):
     """ViT from scratch, cross-entropy on Mixup/CutMix-ed, RandAugment-ed images."""
 
+    name = "erm_vit"
     Hparams = ViTHparams
     presets = VIT_PRESETS
     default_preset = "paper"

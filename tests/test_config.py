@@ -1,0 +1,87 @@
+"""Typed hyperparameters, --set parsing, presets and run ids; the registries."""
+
+from __future__ import annotations
+
+import pytest
+
+from ltbench import stages
+from ltbench.config import TrainHparams, apply_overrides, parse_set_options
+from ltbench.errors import UserError
+from ltbench.registry import DATASETS, METHODS, Registry
+
+
+def test_set_values_are_coerced_to_field_types():
+    hp = apply_overrides(TrainHparams(), {"epochs": "7", "lr": "0.5", "milestones": "3,5", "eval_ema": "true"}, "hp")
+    assert (hp.epochs, hp.lr, hp.milestones, hp.eval_ema) == (7, 0.5, (3, 5), True)
+
+
+def test_unknown_key_lists_the_valid_keys():
+    with pytest.raises(UserError) as err:
+        apply_overrides(TrainHparams(), {"learning_rate": "1"}, "hyperparameter")
+    assert "learning_rate" in str(err.value) and "lr" in str(err.value) and "weight_decay" in str(err.value)
+
+
+def test_mistyped_value_is_an_error():
+    with pytest.raises(UserError, match="not a valid int"):
+        apply_overrides(TrainHparams(), {"epochs": "ten"}, "hp")
+    with pytest.raises(UserError, match="key=value"):
+        parse_set_options(["epochs"])
+
+
+def test_preset_resolution_order_and_run_id():
+    base = stages.make_config("erm_vit", "synthetic", preset="tiny")
+    assert base.hparams["embed_dim"] == 64 and base.hparams["epochs"] == 10
+    cfg = stages.make_config("erm_vit", "synthetic", preset="tiny", epochs=3, sets=["epochs=4", "data.num_classes=5"])
+    assert cfg.hparams["epochs"] == 4 and cfg.data["num_classes"] == 5
+    again = stages.make_config("erm_vit", "synthetic", preset="tiny", epochs=3, sets=["epochs=4", "data.num_classes=5"])
+    assert cfg.run_id == again.run_id and cfg.run_id != base.run_id
+    assert stages.make_config("erm_vit", "synthetic", preset="tiny", seed=1).run_id != base.run_id
+
+
+def test_paper_preset_matches_deitlt_recipe():
+    cfg = stages.make_config("erm_vit", "cifar10lt", rho=100)
+    hp = stages.hparams_of(cfg)
+    assert (hp.img_size, hp.patch_size, hp.embed_dim, hp.depth, hp.num_heads) == (224, 16, 768, 12, 12)
+    assert (hp.batch_size, hp.epochs, hp.repeated_aug, hp.warmup_epochs) == (1024, 1200, 3, 5)
+    assert hp.effective_lr() == pytest.approx(2.5e-4)  # 5e-4 x 256 / 512, accumulation excluded (deitlt.md §4.1)
+    assert (hp.mixup, hp.cutmix, hp.smoothing, hp.re_prob) == (0.8, 1.0, 0.1, 0.25)
+    assert hp.auto_augment == "rand-m9-mstd0.5-inc1" and hp.weight_decay == 0.05
+
+
+def test_bad_rho_and_preset_and_names():
+    with pytest.raises(UserError, match="rho must be >= 1"):
+        stages.make_config("erm_vit", "cifar10lt", rho=0.5)
+    with pytest.raises(UserError, match="no preset 'huge'"):
+        stages.make_config("erm_vit", "cifar10lt", preset="huge")
+    with pytest.raises(UserError, match="Did you mean 'erm_vit'"):
+        METHODS.get("erm_vti")
+    with pytest.raises(UserError, match="Unknown dataset"):
+        DATASETS.get("cifar1000lt")
+
+
+def test_registry_rejects_two_classes_under_one_name():
+    reg: Registry = Registry("thing", "ltbench.test-things")
+
+    @reg.register("a")
+    class A:
+        pass
+
+    with pytest.raises(ValueError, match="registered twice"):
+
+        @reg.register("a")
+        class B:
+            pass
+
+    assert reg.get("a") is A and reg.names() == ["a"]
+
+
+def test_every_plugin_file_is_registered():
+    """Nothing in methods/ or datasets/ is silently left out of the entry points."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    modules = {p.stem for p in (repo / "methods").glob("*.py") if p.stem != "__init__"}
+    registered = {cls.__module__.rsplit(".", 1)[1] for _, cls in METHODS}
+    assert modules <= registered | {"_vit_common"}
+    dataset_modules = {p.stem for p in (repo / "datasets").glob("*.py") if p.stem != "__init__"}
+    assert dataset_modules <= {cls.__module__.rsplit(".", 1)[1] for _, cls in DATASETS}
