@@ -31,13 +31,15 @@ class DatasetInfo:
     name: str
     num_classes: int
     train_counts: tuple[int, ...]
-    image_size: int  # native side length of the stored images
+    image_size: int  # native side length of the stored images; for file lists, the standard input size (224)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     class_names: tuple[str, ...] = ()
     # The DeiT-LT / Saddle index-range split: head = [0, paper_split[0]), mid = [paper_split[0], paper_split[1]).
     paper_split: tuple[int, int] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # True when the stored images differ in size (file lists): evaluation then always resizes and crops.
+    variable_size: bool = False
 
 
 @dataclass
