@@ -170,6 +170,32 @@ def download(dataset, data_root) -> None:
     console.print(f"{dataset} is in {cls.download((data_root or default_data_root()).resolve())}")
 
 
+@data.command()
+@click.argument("dataset")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None)
+@click.option("--workers", type=int, default=None, help="Images decoded in parallel (default: CPU count).")
+@click.option("--expect-standard/--no-expect-standard", default=True, show_default=True,
+              help="Compare line, class and per-class counts with the published lists (off for a subset).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify(dataset, data_root, workers, expect_standard, as_json, quiet) -> None:
+    """Check a list-file dataset: lists, counts, labels, sha256, every image present and decodable.
+
+    Exits 1 when a problem is found; each problem names the list file and line.
+    """
+    from ltbench.data import default_data_root
+    from ltbench.verify import print_report, verify_dataset
+
+    report = verify_dataset(dataset, (data_root or default_data_root()).resolve(), workers=workers,
+                            expect_standard=expect_standard, progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_report(report, console)
+    if not report.ok:
+        sys.exit(1)
+
+
 def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
