@@ -15,7 +15,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,14 +384,21 @@ def build_resized_cache(source_root: Path, cache_root: Path, listing: ListFile, 
     marker = cache_root / f".complete-{listing.path.name}-{listing.sha256[:16]}"
     if marker.is_file():
         return
-    work = _resize_one(source_root, cache_root, size)
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
-        errors = pool.map(work, listing.paths)
-        for index, error in enumerate(_progress(errors, len(listing.paths), f"caching {listing.path.name}")):
-            if error:
-                raise UserError(f"{listing.where(index)}: image {source_root / listing.paths[index]} {error}. "
-                                f"Run `ltbench data verify` to list every problem of the copy.")
+    errors = parallel_map(_resize_one(source_root, cache_root, size), listing.paths, workers)
+    for index, error in enumerate(_progress(errors, len(listing.paths), f"caching {listing.path.name}")):
+        if error:
+            raise UserError(f"{listing.where(index)}: image {source_root / listing.paths[index]} {error}. "
+                            f"Run `ltbench data verify` to list every problem of the copy.")
     write_atomic(marker, b"")
+
+
+def parallel_map(func: Callable[[Any], Any], items: list, workers: int | None = None,
+                 chunk: int = 4096) -> Iterator[Any]:
+    """``func`` over ``items`` on a thread pool (PIL decodes and resizes without the GIL), results in order.
+    Work is submitted a chunk at a time so that half a million images never means half a million futures."""
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        for start in range(0, len(items), chunk):
+            yield from pool.map(func, items[start:start + chunk])
 
 
 def _resize_one(source_root: Path, cache_root: Path, size: int) -> Callable[[str], str | None]:
