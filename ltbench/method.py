@@ -49,6 +49,8 @@ class Method:
     default_preset: ClassVar[str] = "default"
     # When True the engine excludes 1-D parameters and ``no_weight_decay()`` names from weight decay.
     filter_bias_and_bn: ClassVar[bool] = True
+    # Dataset options this method needs by default, per dataset (e.g. DeiT-LT's frequency-sorted labels).
+    data_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, hp: Any, info: DatasetInfo, device: torch.device, upstream: Mapping[str, Upstream]) -> None:
         self.hp = hp
@@ -59,8 +61,12 @@ class Method:
 
     # --- declared dependencies -------------------------------------------------------------
     @classmethod
-    def requires(cls, config: RunConfig) -> dict[str, RunConfig]:
-        """Upstream runs (teachers) that must be finished before this run starts."""
+    def requires(cls, config: RunConfig) -> dict[str, RunConfig | str]:
+        """Upstream runs (teachers) that must be finished before this run starts.
+
+        A value is either a config (trained first if missing) or a reference to an existing run
+        (a run id, id prefix or folder path), which must be finished.
+        """
         return {}
 
     # --- modules ---------------------------------------------------------------------------

@@ -6,8 +6,7 @@ from typing import Any
 
 from ltbench.engine import Runtime, Trainer
 from ltbench.errors import UserError
-from ltbench.method import Upstream
-from ltbench.records import RunRecord, atomic_write_json, find_run, run_record
+from ltbench.records import RunRecord, atomic_write_json
 from ltbench.registry import EVALUATORS, METHODS
 
 
@@ -19,12 +18,7 @@ def reevaluate(record: RunRecord, runtime: Runtime) -> dict[str, Any]:
     ckpt = record.load_checkpoint()
     if ckpt is None:
         raise UserError(f"Run {record.run_id} has no checkpoint yet ({record.checkpoint_path}); nothing to evaluate.")
-    upstream = {}
-    for role, cfg in METHODS.get(config.method).requires(config).items():
-        up = run_record(runtime.results, cfg)
-        if not up.done:
-            up = find_run(runtime.results, cfg.run_id)
-        upstream[role] = Upstream(cfg, up)
+    upstream = stages.resolve_upstream(config, runtime, train=False)
     trainer = Trainer(config, stages.hparams_of(config), METHODS.get(config.method), stages.load_data(config, runtime),
                       EVALUATORS.get("longtail")(), record, runtime, upstream)
     trainer.restore(ckpt)

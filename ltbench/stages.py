@@ -19,7 +19,7 @@ from ltbench.data import Dataset, LTData
 from ltbench.engine import Runtime, Trainer
 from ltbench.errors import UserError
 from ltbench.method import Method, Upstream
-from ltbench.records import RunRecord, atomic_write_json, run_record
+from ltbench.records import RunRecord, atomic_write_json, find_run, run_record
 from ltbench.registry import DATASETS, EVALUATORS, METHODS
 
 
@@ -30,7 +30,9 @@ def make_config(method: str, dataset: str, *, rho: float | None = None, seed: in
     method_cls: type[Method] = METHODS.get(method)
     dataset_cls: type[Dataset] = DATASETS.get(dataset)
     set_hparams, set_data = cfgmod.parse_set_options(sets)
-    options = _dataset_options(dataset_cls, rho, {**(data_options or {}), **set_data})
+    defaults = {k: v for k, v in method_cls.data_defaults.get(dataset, {}).items()
+                if k in cfgmod.field_types(dataset_cls.Options)}
+    options = _dataset_options(dataset_cls, rho, {**defaults, **(data_options or {}), **set_data})
     preset = preset or method_cls.default_preset
     if preset not in method_cls.presets:
         presets = ", ".join(sorted(method_cls.presets))
@@ -84,8 +86,7 @@ def ensure(config: RunConfig, runtime: Runtime) -> RunRecord:
     record = run_record(runtime.results, config)
     if record.done:
         return record
-    method_cls: type[Method] = METHODS.get(config.method)
-    upstream = {role: Upstream(cfg, ensure(cfg, runtime)) for role, cfg in method_cls.requires(config).items()}
+    upstream = resolve_upstream(config, runtime, train=True)
     if runtime.stop_after_epochs is not None and any(not u.record.done for u in upstream.values()):
         return record  # an upstream run was time-boxed: the student waits for the next call
     _check_writable(runtime)
@@ -94,6 +95,21 @@ def ensure(config: RunConfig, runtime: Runtime) -> RunRecord:
             return record
         train(config, record, runtime, upstream)
     return record
+
+
+def resolve_upstream(config: RunConfig, runtime: Runtime, train: bool) -> dict[str, Upstream]:
+    """The finished runs ``config`` depends on; with ``train`` missing ones are trained first."""
+    upstream = {}
+    for role, ref in METHODS.get(config.method).requires(config).items():
+        if isinstance(ref, RunConfig):
+            record = ensure(ref, runtime) if train else run_record(runtime.results, ref)
+            upstream[role] = Upstream(ref, record)
+            continue
+        record = find_run(runtime.results, ref)
+        if not record.done:
+            raise UserError(f"The {role} run {record.path} is not finished (no DONE marker); finish it first.")
+        upstream[role] = Upstream(record.config(), record)
+    return upstream
 
 
 def train(config: RunConfig, record: RunRecord, runtime: Runtime, upstream: dict[str, Upstream]) -> None:

@@ -1,0 +1,67 @@
+"""A finished run used as a frozen teacher: rebuilt from its folder, nothing typed by hand.
+
+The teacher's method class comes from the registry by the name in its ``config.json``, its
+hyperparameters from the same file, its weights from ``checkpoint.pt`` and its input size from the
+``teacher_spec`` its method wrote into ``result.json``. It runs in eval mode (BatchNorm running
+statistics, no dropout) without gradients and never appears in the student's optimizer or checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ltbench.data import DatasetInfo
+from ltbench.errors import UserError
+from ltbench.method import Upstream
+from ltbench.registry import METHODS
+
+
+class FrozenTeacher:
+    def __init__(self, upstream: Upstream, student_info: DatasetInfo, device: torch.device) -> None:
+        from ltbench.stages import hparams_of
+
+        config, record = upstream.config, upstream.record
+        result = record.result()
+        counts = tuple(result["class_counts"])
+        if len(counts) != student_info.num_classes:
+            raise UserError(f"Teacher run {record.run_id} has {len(counts)} classes, the student's data has "
+                            f"{student_info.num_classes}: a teacher must be trained on the same dataset.")
+        info = dataclasses.replace(student_info, train_counts=counts, extras={})
+        self.method = METHODS.get(config.method)(hparams_of(config), info, device, {})
+        checkpoint = record.load_checkpoint(device)
+        for name, module in self.method.state_modules().items():
+            module.load_state_dict(checkpoint["modules"][name])
+            module.to(device).eval().requires_grad_(False)
+        spec = result.get("teacher_spec", {})
+        self.input_size = int(spec.get("input_size", student_info.image_size))
+        self.run_id = record.run_id
+        self.label_map = _label_map(config, student_info, device)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return list(self.method.state_modules().values())
+
+    @torch.no_grad()
+    def labels(self, x: torch.Tensor) -> torch.Tensor:
+        """Hard teacher labels y_t = argmax g(x) in the student's label space.
+
+        The student's (augmented, mixed) batch is resized to the teacher's input size with bicubic
+        interpolation *with* antialiasing; DeiT-LT's code resized 224 -> 32 without it (torchvision 0.15),
+        which aliases high frequencies the teacher never saw in training.
+        """
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", antialias=True,
+                              align_corners=False)
+        y_t = self.method.predict(x)["main"].argmax(dim=1)
+        return self.label_map[y_t] if self.label_map is not None else y_t
+
+
+def _label_map(config, student_info: DatasetInfo, device: torch.device) -> torch.Tensor | None:
+    """Original -> frequency-sorted labels when the student sorts and the teacher did not (``--map-targets``)."""
+    label_map = student_info.extras.get("label_map")
+    if label_map is None or config.data.get("sort_by_frequency", False):
+        return None
+    return torch.as_tensor(np.asarray(label_map), dtype=torch.long, device=device)

@@ -1,0 +1,120 @@
+"""``deit``: a distilled ViT (CLS + DIST tokens, two heads) with hard distillation from a CNN teacher.
+
+DeiT (Touvron et al., ICML 2021) as the DeiT-LT paper's baseline: the teacher is an in-distribution
+CNN trained with plain cross-entropy (``erm_cnn``) on the same long-tailed data; it labels the same
+Mixup/CutMix-ed batch the student sees; L = (1 - a) * softCE(CLS, mixed targets) + a * CE(DIST, y_t)
+with a = 0.5, no re-weighting. Predictions average the two heads' logits; each head is also reported.
+The teacher run is found by config hash in the results folder or trained first (``requires``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ltbench import analysis
+from ltbench.config import RunConfig, _check
+from ltbench.errors import UserError
+from ltbench.methods.erm_vit import VIT_PRESETS, ERMViT, ViTHparams
+from ltbench.methods.paco import PACO_SAM
+from ltbench.models import distilled_heads
+from ltbench.teacher import FrozenTeacher
+
+# Teacher names -> (CNN method, hyperparameter overrides per dataset; "*" for all).
+# SAM radii: LDAM-DRW+SAM as Saddle-LongTail (0.8 constant on CIFAR; the step schedule on the large datasets);
+# PaCo+SAM's radius is unpublished: methods/paco.py documents the default it chose (PACO_SAM).
+LARGE_SAM_STEPS = {"sam_rho_steps": (0.05, 0.1, 0.5, 0.5), "sam_rho_epochs": (5, 60, 75)}
+TEACHERS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    "erm_cnn": ("erm_cnn", {}),
+    "ldam_drw": ("ldam_drw", {}),
+    "ldam_drw_sam": ("ldam_drw", {"*": {"sam_rho": 0.8}, "imagenetlt": LARGE_SAM_STEPS,
+                                  "inat2018": LARGE_SAM_STEPS}),
+    "paco": ("paco", {}),
+    "paco_sam": ("paco", PACO_SAM),
+}
+FREQUENCY_SORTED = {"imagenetlt": {"sort_by_frequency": True}, "inat2018": {"sort_by_frequency": True}}
+
+
+@dataclass
+class DeiTHparams(ViTHparams):
+    teacher: str = "erm_cnn"  # a name in TEACHERS
+    teacher_run: str = ""  # an existing finished run (id, prefix or folder) instead of a trained-on-demand one
+    teacher_preset: str = ""  # the teacher's preset; "" = the student's preset name
+    teacher_overrides: tuple[str, ...] = ()  # KEY=VALUE hyperparameters of the teacher run, e.g. epochs=100
+    distillation_alpha: float = 0.5
+
+    def validate(self) -> None:
+        super().validate()
+        _check(self.teacher in TEACHERS, f"teacher must be one of {', '.join(sorted(TEACHERS))}, not "
+                                         f"{self.teacher!r} (or give teacher_run=RUN)")
+        _check(0.0 <= self.distillation_alpha <= 1.0, "distillation_alpha must be in [0, 1]")
+
+
+def teacher_config(student: RunConfig, teacher: str, preset: str, overrides: tuple[str, ...] = ()) -> RunConfig:
+    """The teacher run a student needs: same dataset, rho and seed, original label order."""
+    from ltbench import stages
+    from ltbench.registry import METHODS
+
+    method, overrides = TEACHERS[teacher]
+    layer = {**overrides.get("*", {}), **overrides.get(student.dataset, {})}
+    data = {k: v for k, v in student.data.items() if k != "sort_by_frequency"}
+    if preset not in METHODS.get(method).presets:
+        raise UserError(f"The teacher method {method!r} has no preset {preset!r}; set teacher_preset=NAME.")
+    if any(item.startswith("data.") for item in overrides):
+        raise UserError("teacher_overrides cannot change dataset options: a teacher sees the student's data.")
+    return stages.make_config(method, student.dataset, seed=student.seed, preset=preset, hparams=layer,
+                              data_options=data, sets=overrides)
+
+
+class DeiT(ERMViT):
+    """Distilled ViT with hard distillation from an in-distribution CE-trained CNN (the DeiT baseline)."""
+
+    name = "deit"
+    Hparams = DeiTHparams
+    presets = VIT_PRESETS
+    distilled = True
+    data_defaults: ClassVar[dict[str, dict[str, Any]]] = FREQUENCY_SORTED
+
+    @classmethod
+    def requires(cls, config: RunConfig) -> dict[str, RunConfig | str]:
+        hp = config.hparams
+        if hp["teacher_run"]:
+            return {"teacher": hp["teacher_run"]}
+        preset = hp["teacher_preset"] or config.preset
+        return {"teacher": teacher_config(config, hp["teacher"], preset, tuple(hp["teacher_overrides"]))}
+
+    def __init__(self, hp: DeiTHparams, info, device, upstream) -> None:
+        super().__init__(hp, info, device, upstream)
+        self.teacher = FrozenTeacher(upstream["teacher"], info, device)
+
+    def prepare(self, x: torch.Tensor, y: torch.Tensor):
+        """The teacher labels exactly the (augmented, mixed) images the student sees."""
+        x, soft, y = super().prepare(x, y)
+        return x, soft, y, self.teacher.labels(x)
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, soft, _, y_teacher = batch
+        cls_logits, dist_logits = distilled_heads(self.model, x)
+        loss_cls = self.soft_ce(cls_logits, soft)
+        loss_dist = F.cross_entropy(dist_logits, y_teacher)
+        return self._combine(loss_cls, loss_dist)
+
+    def _combine(self, loss_cls: torch.Tensor, loss_dist: torch.Tensor):
+        a = self.hp.distillation_alpha
+        return (1 - a) * loss_cls + a * loss_dist, {"loss_cls": loss_cls, "loss_dist": loss_dist}
+
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        cls_logits, dist_logits = distilled_heads(self.model, x)
+        return {"main": (cls_logits + dist_logits) / 2, "cls": cls_logits, "dist": dist_logits}
+
+    def describe(self) -> dict[str, Any]:
+        return {"teacher": {"run_id": self.teacher.run_id, "input_size": self.teacher.input_size,
+                            "resize": "bicubic, antialiased"}}
+
+    def diagnostics(self, x: torch.Tensor) -> dict[str, Any]:
+        self.model.eval()
+        return {"mean_attention_distance_px": analysis.mean_attention_distance(self.model, x),
+                "cls_dist_cosine": analysis.cls_dist_cosine(self.model, x), "images": len(x)}
