@@ -14,12 +14,12 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from ltbench.methods.erm_vit import VIT_PRESETS, ERMViT, ViTHparams
+from ltbench.methods.paco import PACO_SAM
 
 from ltbench import analysis
 from ltbench.config import RunConfig, _check
 from ltbench.errors import UserError
-from ltbench.methods.erm_vit import VIT_PRESETS, ERMViT, ViTHparams
-from ltbench.methods.paco import PACO_SAM
 from ltbench.models import distilled_heads
 from ltbench.teacher import FrozenTeacher
 

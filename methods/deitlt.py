@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from ltbench.methods.deit import DeiT, DeiTHparams
+from ltbench.methods.erm_vit import VIT_PRESETS
 
 from ltbench.config import _check
 from ltbench.losses import effective_number_weights
-from ltbench.methods.deit import DeiT, DeiTHparams
-from ltbench.methods.erm_vit import VIT_PRESETS
 from ltbench.models import distilled_heads
 
 
