@@ -107,20 +107,32 @@ class RepeatSampler(Sampler[int]):
 
 
 class MicroBatchSampler(Sampler[list[int]]):
-    """Cuts an epoch's order into global batches, then each global batch into micro-batches.
+    """Cuts an epoch's order into global batches, each into this rank's shard, each shard into micro-batches.
 
-    ``drop_last`` drops an incomplete *global* batch, so accumulating micro-batches gives exactly
-    the batches of a single large forward. ``group_sizes`` says how many micro-batches form each step.
+    Every rank draws the same order, so the global batches are those of a single process. ``drop_last``
+    drops an incomplete *global* batch (a final one smaller than the number of ranks is always dropped).
+    ``steps`` lists, per optimizer step, (micro-batches on this rank, size of the global batch).
     """
 
-    def __init__(self, order: Sampler[int], global_batch: int, micro_batch: int, drop_last: bool) -> None:
-        self.order, self.global_batch, self.micro, self.drop_last = order, global_batch, micro_batch, drop_last
+    def __init__(self, order: Sampler[int], global_batch: int, micro_batch: int, drop_last: bool,
+                 rank: int = 0, world: int = 1) -> None:
+        self.order, self.global_batch, self.micro = order, global_batch, micro_batch
+        self.rank, self.world = rank, world
         n = len(order)  # type: ignore[arg-type]
         sizes = [global_batch] * (n // global_batch)
-        if n % global_batch and not drop_last:
+        if n % global_batch >= world and not drop_last:
             sizes.append(n % global_batch)
-        self.group_sizes = [-(-size // micro_batch) for size in sizes]
+        self.steps = [(-(-len(self._shard(size)) // micro_batch), size) for size in sizes]
         self.length = sum(sizes)
+
+    @property
+    def group_sizes(self) -> list[int]:
+        return [micro for micro, _ in self.steps]
+
+    def _shard(self, size: int) -> range:
+        per, extra = divmod(size, self.world)
+        start = self.rank * per + min(self.rank, extra)
+        return range(start, start + per + (1 if self.rank < extra else 0))
 
     def __len__(self) -> int:
         return sum(self.group_sizes)
@@ -129,12 +141,14 @@ class MicroBatchSampler(Sampler[list[int]]):
         indices = list(self.order)[: self.length]
         for start in range(0, self.length, self.global_batch):
             chunk = indices[start : start + self.global_batch]
-            for offset in range(0, len(chunk), self.micro):
-                yield chunk[offset : offset + self.micro]
+            mine = [chunk[i] for i in self._shard(len(chunk))]
+            for offset in range(0, len(mine), self.micro):
+                yield mine[offset : offset + self.micro]
 
 
 def train_loader(split: Split, transform: Callable, global_batch: int, micro_batch: int, *, seed: int, workers: int,
-                 drop_last: bool, repeated_aug: int = 1, pin_memory: bool = False) -> DataLoader:
+                 drop_last: bool, repeated_aug: int = 1, pin_memory: bool = False, rank: int = 0,
+                 world: int = 1) -> DataLoader:
     """A loader of micro-batches whose shuffle and augmentation randomness are fixed by ``seed`` (one per epoch)."""
     generator = torch.Generator().manual_seed(seed)
     dataset = SplitDataset(split, transform)
@@ -142,7 +156,7 @@ def train_loader(split: Split, transform: Callable, global_batch: int, micro_bat
         order: Sampler[int] = RepeatSampler(len(dataset), repeated_aug, generator)
     else:
         order = torch.utils.data.RandomSampler(dataset, generator=generator)
-    batches = MicroBatchSampler(order, global_batch, micro_batch, drop_last)
+    batches = MicroBatchSampler(order, global_batch, micro_batch, drop_last, rank, world)
     return DataLoader(dataset, batch_sampler=batches, generator=generator, num_workers=workers,
                       pin_memory=pin_memory, worker_init_fn=_seed_worker, **_worker_options(split, workers, False))
 

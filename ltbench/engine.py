@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ltbench import augment
+from ltbench import augment, distributed
 from ltbench.config import RunConfig, TrainHparams
 from ltbench.data import LTData
 from ltbench.errors import UserError
@@ -81,7 +81,11 @@ class Trainer:
                  evaluator: Evaluator, record: RunRecord, runtime: Runtime, upstream: dict[str, Upstream]) -> None:
         self.config, self.hp, self.data, self.evaluator = config, hp, data, evaluator
         self.record, self.runtime = record, runtime
+        self.dist = distributed.context()
         self.device = runtime.torch_device()
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
         self.amp = autocast_dtype(self.device)
         seed_everything(seed_hash(config.seed, "init"))
         self.method = method_cls(hp, data.info, self.device, upstream)
@@ -90,7 +94,11 @@ class Trainer:
         if runtime.compile:
             self.method.trainable().compile()
         self.optimizer = self._build_optimizer()
-        self.micro = min(runtime.micro_batch or hp.batch_size, hp.batch_size)
+        if hp.batch_size % self.dist.world:
+            raise UserError(f"The global batch {hp.batch_size} does not split evenly over {self.dist.world} "
+                            f"processes; choose a batch_size divisible by the number of processes.")
+        per_rank = hp.batch_size // self.dist.world
+        self.micro = min(runtime.micro_batch or per_rank, per_rank)
         if getattr(hp, "drop_last", False) and len(data.train) < hp.batch_size:
             raise UserError(f"The training split has {len(data.train)} images, fewer than one batch of "
                             f"{hp.batch_size} with drop_last: lower batch_size with --set batch_size=N.")
@@ -174,9 +182,9 @@ class Trainer:
             self.restore(ckpt)
             self.runtime.echo(f"Resuming {self.record.run_id} from epoch {self.start_epoch}.")
         rows = [r for r in self.record.metrics() if r["epoch"] < self.start_epoch]
-        self.record.write_metrics(rows)
-        eval_loader = augment.eval_loader(self.data.test, self.method.eval_transform(), self._eval_batch(),
-                                          self._workers())
+        if self.dist.is_main:
+            self.record.write_metrics(rows)
+        eval_loader = self._eval_loader()
         for epochs_this_call, epoch in enumerate(range(self.start_epoch, self.hp.epochs)):
             if self.runtime.stop_after_epochs is not None and epochs_this_call >= self.runtime.stop_after_epochs:
                 return {}
@@ -184,8 +192,9 @@ class Trainer:
             if (epoch + 1) % self.hp.eval_every == 0 or epoch + 1 == self.hp.epochs:
                 row["eval"] = self.evaluate(eval_loader, epoch)
             rows.append(row)
-            self.record.write_metrics(rows)
-            atomic_torch_save(self.record.checkpoint_path, self.state(epoch + 1))
+            if self.dist.is_main:
+                self.record.write_metrics(rows)
+                atomic_torch_save(self.record.checkpoint_path, self.state(epoch + 1))
         return self.finish(eval_loader, rows)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -197,16 +206,17 @@ class Trainer:
             self.data.train, self.method.train_transform(), self.hp.batch_size, self.micro,
             seed=seed_hash(self.config.seed, "data", epoch), workers=self._workers(),
             drop_last=getattr(self.hp, "drop_last", False), repeated_aug=self.hp.repeated_aug,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda", rank=self.dist.rank, world=self.dist.world,
         )
         self.method.trainable().train()
         sums: dict[str, torch.Tensor] = {}
         images, start = 0, time.perf_counter()
         with self._progress(epoch) as progress:
+            steps = loader.batch_sampler.steps
             for step, micro_batches in enumerate(_group(loader, loader.batch_sampler.group_sizes)):
                 if self.hp.sched_per_step:
                     self.scheduler.step_update(epoch * self.steps_per_epoch + step)
-                logs = self.step(micro_batches, epoch)
+                logs = self.step(micro_batches, epoch, global_size=steps[step][1])
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0) + v
                 images += sum(len(y) for _, y in micro_batches)
@@ -223,16 +233,19 @@ class Trainer:
             "images_per_s": images / max(elapsed, 1e-9),
         }
 
-    def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> dict[str, torch.Tensor]:
-        """One optimizer step over the micro-batches that make up the global batch."""
+    def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], epoch: int,
+             global_size: int | None = None) -> dict[str, torch.Tensor]:
+        """One optimizer step over this process's micro-batches of one global batch."""
         prepared = []
         with torch.no_grad(), self._autocast():
             for x, y in micro_batches:
                 prepared.append((self.method.prepare(_to(x, self.device), _to(y, self.device)), len(y)))
-        logs = self._accumulate(prepared)
+        # Each micro-batch loss is weighted by its share of the global batch; ranks' gradients are averaged.
+        scale = self.dist.world / (global_size or self.dist.world * sum(n for _, n in prepared))
+        logs = self._accumulate(prepared, scale)
         if self.sam is not None:
             self.sam.ascend(self._sam_rho(epoch))
-            self._accumulate(prepared)
+            self._accumulate(prepared, scale)
             self.sam.descend()
         self.optimizer.step()
         self.method.after_step()
@@ -240,17 +253,19 @@ class Trainer:
             self.ema.update(self.method.trainable())
         return logs
 
-    def _accumulate(self, prepared: list[tuple[Any, int]]) -> dict[str, torch.Tensor]:
+    def _accumulate(self, prepared: list[tuple[Any, int]], scale: float) -> dict[str, torch.Tensor]:
         """Gradients of the size-weighted mean of the micro-batch losses (= the loss of one big batch)."""
         self.optimizer.zero_grad(set_to_none=True)
-        total = sum(n for _, n in prepared)
+        local = sum(n for _, n in prepared)
         logs: dict[str, torch.Tensor] = {}
         for batch, n in prepared:
             with self._autocast():
                 loss, parts = self.method.loss(batch)
-            (loss * (n / total)).backward()
+            (loss * (n * scale)).backward()
             for k, v in {"loss": loss, **parts}.items():
-                logs[k] = logs.get(k, 0) + v.detach().float() * (n / total)
+                logs[k] = logs.get(k, 0) + v.detach().float() * (n / local)
+        if self.dist.enabled:
+            distributed.average_gradients(list(self.method.trainable().parameters()), self.dist.world)
         return logs
 
     def _sam_rho(self, epoch: int) -> float:
@@ -274,6 +289,10 @@ class Trainer:
         if self.ema is not None and self.hp.eval_ema:
             ema_logits, _ = predict_split(lambda x: {"main": self.ema.module(x)}, loader, self.device, self.amp)
             logits["ema"] = ema_logits["main"]
+        if self.dist.enabled:  # every prediction of every rank, in test-set order, before any metric
+            parts = distributed.gather((logits, labels))
+            logits = {k: torch.cat([p[0][k] for p in parts]) for k in logits}
+            labels = torch.cat([p[1] for p in parts])
         metrics = self.evaluator.evaluate(logits, labels, self.data.info)
         if keep_logits:
             metrics["_logits"], metrics["_labels"] = logits, labels
@@ -281,6 +300,8 @@ class Trainer:
 
     def finish(self, eval_loader, rows: list[dict[str, Any]]) -> dict[str, Any]:
         final = self._evaluate_full(eval_loader, keep_logits=self.runtime.save_logits)
+        if not self.dist.is_main:
+            return {"rank": self.dist.rank}
         if self.runtime.save_logits:
             np.savez_compressed(self.record.path / "test_logits.npz", labels=final.pop("_labels").numpy(),
                                 **{k: v.numpy() for k, v in final.pop("_logits").items()})
@@ -296,8 +317,8 @@ class Trainer:
             "selection": "final = last epoch; best = epoch with the highest main-head top-1 on the test split "
                          "(the protocol of LDAM-DRW, PaCo and DeiT-LT's code; optimistic)",
             "wall_time_s": self.train_time,
-            "device_hours": self.train_time * max(1, torch.cuda.device_count() if self.device.type == "cuda" else 1)
-            / 3600,
+            "device_hours": self.train_time * self.dist.world / 3600,
+            "processes": self.dist.world,
             "images_per_s": self.train_images / max(self.train_time, 1e-9),
             "parameters": count_parameters(model),
             "device": str(self.device),
@@ -321,6 +342,11 @@ class Trainer:
             return self.method.diagnostics(x.to(self.device))
 
     # --- small helpers -------------------------------------------------------------------------
+    def _eval_loader(self):
+        indices = distributed.shard(len(self.data.test), self.dist.rank, self.dist.world) if self.dist.enabled else None
+        return augment.eval_loader(self.data.test, self.method.eval_transform(), self._eval_batch(), self._workers(),
+                                   indices=indices, pin_memory=self.device.type == "cuda")
+
     def _workers(self) -> int:
         return self.runtime.workers if self.runtime.workers is not None else self.hp.workers
 
@@ -341,7 +367,7 @@ class _EpochProgress:
 
     def __init__(self, trainer: Trainer, epoch: int) -> None:
         self.trainer, self.epoch = trainer, epoch
-        self.enabled = trainer.runtime.progress
+        self.enabled = trainer.runtime.progress and trainer.dist.is_main
 
     def __enter__(self):
         if not self.enabled:

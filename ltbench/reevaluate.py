@@ -22,11 +22,7 @@ def reevaluate(record: RunRecord, runtime: Runtime) -> dict[str, Any]:
     trainer = Trainer(config, stages.hparams_of(config), METHODS.get(config.method), stages.load_data(config, runtime),
                       EVALUATORS.get("longtail")(), record, runtime, upstream)
     trainer.restore(ckpt)
-    from ltbench import augment
-
-    loader = augment.eval_loader(trainer.data.test, trainer.method.eval_transform(), trainer._eval_batch(),
-                                 trainer._workers())
-    metrics = trainer._evaluate_full(loader)
+    metrics = trainer._evaluate_full(trainer._eval_loader())
     result = {"run_id": record.run_id, "method": config.method, "dataset": config.dataset, "config": config.to_dict(),
               "final": {"epoch": ckpt["epoch"] - 1, **metrics}, "best": ckpt.get("best"),
               "note": f"re-evaluated from the checkpoint after epoch {ckpt['epoch']}"}

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ltbench import config as cfgmod
+from ltbench import distributed
 from ltbench.config import RunConfig
 from ltbench.data import Dataset, LTData
 from ltbench.engine import Runtime, Trainer
@@ -89,11 +90,19 @@ def ensure(config: RunConfig, runtime: Runtime) -> RunRecord:
     upstream = resolve_upstream(config, runtime, train=True)
     if runtime.stop_after_epochs is not None and any(not u.record.done for u in upstream.values()):
         return record  # an upstream run was time-boxed: the student waits for the next call
-    _check_writable(runtime)
-    with record.lock():
-        if record.done:  # another process finished it while we waited for the lock
-            return record
-        train(config, record, runtime, upstream)
+    ctx = distributed.context()
+    if not ctx.enabled:
+        _check_writable(runtime)
+        with record.lock():
+            if not record.done:  # another process may have finished it while we waited for the lock
+                train(config, record, runtime, upstream)
+        return record
+    # torchrun: all ranks train together; rank 0 alone checks, writes and marks the run done.
+    if ctx.is_main:
+        _check_writable(runtime)
+    distributed.barrier()
+    train(config, record, runtime, upstream)
+    distributed.barrier()
     return record
 
 
@@ -114,14 +123,17 @@ def resolve_upstream(config: RunConfig, runtime: Runtime, train: bool) -> dict[s
 
 def train(config: RunConfig, record: RunRecord, runtime: Runtime, upstream: dict[str, Upstream]) -> None:
     data = load_data(config, runtime)
-    _write_metadata(config, record, runtime)
+    main = distributed.context().is_main
+    if main:
+        _write_metadata(config, record, runtime)
     evaluator = EVALUATORS.get("longtail")()
-    runtime.echo(f"Training {config.method} on {config.dataset} {dict(config.data)} seed {config.seed} "
+    if main:
+        runtime.echo(f"Training {config.method} on {config.dataset} {dict(config.data)} seed {config.seed} "
                  f"-> {record.path}")
     trainer = Trainer(config, hparams_of(config), METHODS.get(config.method), data, evaluator, record, runtime,
                       upstream)
     result = trainer.fit()
-    if result:
+    if result and main:
         record.mark_done()
 
 

@@ -34,6 +34,7 @@ class ViTHparams(TrainHparams):
     num_heads: int = 12
     drop_path: float = 0.1
     # augmentation
+    augment: str = "deit"  # deit | none (no per-image augmentation: an ablation, and deterministic tests)
     auto_augment: str = "rand-m9-mstd0.5-inc1"
     re_prob: float = 0.25
     crop_scale_min: float = 0.08
@@ -61,6 +62,7 @@ class ViTHparams(TrainHparams):
         _check(self.img_size % self.patch_size == 0, "img_size must be a multiple of patch_size")
         _check(self.embed_dim % self.num_heads == 0, "embed_dim must be a multiple of num_heads")
         _check(0 <= self.smoothing < 1, "smoothing must be in [0, 1)")
+        _check(self.augment in {"deit", "none"}, f"augment must be deit or none, not {self.augment!r}")
 
 
 DEIT_B = {"img_size": 224, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12}
@@ -109,6 +111,8 @@ class ERMViT(Method):
                      mode="batch", label_smoothing=hp.smoothing, num_classes=self.info.num_classes)
 
     def train_transform(self) -> Callable:
+        if self.hp.augment == "none":
+            return augment.resize_eval(self.info, self.hp.img_size)
         return augment.deit_train(self.info, self.hp.img_size, self.hp.auto_augment, self.hp.re_prob,
                                   scale=(self.hp.crop_scale_min, 1.0))
 

@@ -1,0 +1,62 @@
+"""torchrun data parallelism on CPU (gloo): 2 processes = 1 process with the same global batch; resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# Deterministic per-image pipeline (no random augmentation) so both layouts see identical batches.
+ARGS = ["--method", "erm_vit", "--dataset", "synthetic", "--preset", "tiny", "--quiet",
+        "--set", "augment=none", "--set", "mixup=0", "--set", "cutmix=0", "--set", "workers=0",
+        "--set", "batch_size=16", "--set", "data.n_max=40", "--set", "data.n_test=6", "--set", "data.num_classes=4",
+        "--set", "optimizer=sgd"]
+
+
+def _run(results, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LTBENCH_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "ltbench", "run"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(29500 + os.getpid() % 1000), "-m", "ltbench", "run"]
+    out = subprocess.run([*cmd, *ARGS, "--results", str(results), *extra], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _result(results):
+    run = next((results / "runs").iterdir())
+    return run, json.loads((run / "result.json").read_text())
+
+
+def _assert_same(a, b):
+    (dir_a, res_a), (dir_b, res_b) = _result(a), _result(b)
+    assert dir_a.name == dir_b.name  # the process count is not part of the run id
+    for head, metrics in res_a["final"]["heads"].items():
+        assert metrics["per_class"] == pytest.approx(res_b["final"]["heads"][head]["per_class"], abs=1e-6)
+    wa = torch.load(dir_a / "checkpoint.pt", weights_only=True)["modules"]["model"]
+    wb = torch.load(dir_b / "checkpoint.pt", weights_only=True)["modules"]["model"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    return res_a, res_b
+
+
+def test_two_processes_match_one_and_an_interrupted_run_resumes(tmp_path):
+    _run(tmp_path / "one", 1, "--epochs", "2")
+    _run(tmp_path / "two", 2, "--epochs", "2", "--stop-after-epochs", "1")
+    assert not any((tmp_path / "two" / "runs").glob("*/DONE"))
+    _run(tmp_path / "two", 2, "--epochs", "2")
+    one, two = _assert_same(tmp_path / "one", tmp_path / "two")
+    assert (one["processes"], two["processes"]) == (1, 2)
+
+
+def test_resume_on_a_different_number_of_processes(tmp_path):
+    _run(tmp_path / "one", 1, "--epochs", "2")
+    _run(tmp_path / "mixed", 1, "--epochs", "2", "--stop-after-epochs", "1")
+    _run(tmp_path / "mixed", 2, "--epochs", "2")
+    _assert_same(tmp_path / "one", tmp_path / "mixed")
