@@ -117,6 +117,153 @@ def eval_(run_ref, heads, recompute, **rt) -> None:
     print_result(result, all_heads=heads)
 
 
+@main.command()
+@click.argument("grid_file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--methods", default=None, help="Comma-separated method names.")
+@click.option("--datasets", default=None, help="Comma-separated dataset names.")
+@click.option("--rho", default=None, help="Comma-separated imbalance ratios (default: each dataset's own).")
+@click.option("--seeds", default=None, help="Comma-separated seeds or ranges, e.g. 0,1,2 or 0-4 (default 0).")
+@click.option("--save-logits", is_flag=True, help="Also save each run's final test logits.")
+@click.option("--stop-after-epochs", type=int, default=None, help="Stop every run after N epochs, resumable.")
+@click.option("--gpus-per-trial", type=float, default=None,
+              help="GPUs per run (default: 1 when there are GPUs, else 0); a fraction shares a GPU with no memory "
+                   "isolation.")
+@click.option("--cpus-per-trial", type=float, default=None,
+              help="CPUs per run (default: CPUs / GPUs with GPUs, the whole machine without).")
+@click.option("--address", default=None, help="Join this Ray cluster (e.g. auto or ray://host:10001) instead of "
+                                              "starting a local Ray.")
+@click.option("--max-failures", type=int, default=1, show_default=True,
+              help="Retries of a failed run before it is reported as failed.")
+@click.option("--dry-run", is_flag=True, help="Print the grid and what is already done; train nothing.")
+@runtime_options
+def sweep(grid_file, methods, datasets, rho, seeds, preset, epochs, sets, save_logits, stop_after_epochs,
+          gpus_per_trial, cpus_per_trial, address, max_failures, dry_run, **rt) -> None:
+    """Run a grid of methods x datasets x rho x seeds on Ray Tune; only what is not done yet is trained.
+
+    The grid comes from the options or from GRID_FILE (YAML with keys methods, datasets, rho, seeds, preset,
+    epochs, set); options given on the command line override the file's. Every run is an ordinary
+    `ltbench run`: finished runs are skipped, interrupted ones resume, teachers train once before students.
+    """
+    from ltbench import sweep as sw
+
+    file_values = sw.load_grid_file(grid_file) if grid_file else None
+    grid = sw.build_grid(file_values, methods=methods, datasets=datasets, rho=rho, seeds=seeds, preset=preset,
+                         epochs=epochs, sets=sets)
+    runtime = make_runtime(**rt, save_logits=save_logits, stop_after_epochs=stop_after_epochs)
+    plan = sw.plan_sweep(grid, runtime.results)
+    upstream = sum(not j.requested for j in plan.jobs.values())
+    err_console.print(f"{sw.grid_summary(grid)} -> {len(plan.jobs)} run(s) ({upstream} upstream): "
+                      f"{sw.summarize(plan.jobs.values())}", highlight=False)
+    for note in plan.notes:
+        err_console.print(f"note: {note}", style="dim", highlight=False)
+    if dry_run:
+        _print_jobs(plan.jobs.values(), title=f"sweep {plan.sweep_id} (dry run) -> {plan.results}")
+        return
+    if not plan.todo():
+        err_console.print(f"Nothing to train: all {len(plan.jobs)} run(s) are done. Tables: ltbench report "
+                          f"--results {plan.results}")
+        return
+    resources = sw.Resources(gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address,
+                             max_failures=max_failures)
+    with sw.LiveView(plan, err_console) as view:
+        outcome = sw.run_sweep(plan, runtime, resources, view)
+    _sweep_epilogue(outcome)
+
+
+for _opt in reversed(COMMON_RUN_OPTIONS[1:]):  # --preset, --epochs, --set; sweeps take --seeds instead of --seed
+    sweep = _opt(sweep)
+main.add_command(sweep)
+
+
+@main.command()
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
+              help="Results folder holding runs/<run_id>/.")
+@click.option("--format", "fmt", type=click.Choice(["markdown", "latex", "csv", "json", "html"]),
+              default="markdown", show_default=True)
+@click.option("--split", type=click.Choice(["counts", "paper"]), default="counts", show_default=True,
+              help="many/medium/few by training counts (>100 / 20-100 / <20) or DeiT-LT's class-index ranges.")
+@click.option("--metric", "metrics", multiple=True, metavar="top1|many|medium|few|ece",
+              help="Metric column(s), repeatable or comma-separated (default: top1, many, medium, few).")
+@click.option("--select", type=click.Choice(["final", "best"]), default="final", show_default=True,
+              help="Numbers of the final epoch, or of each run's best test epoch (optimistic).")
+@click.option("--spread", type=click.Choice(["std", "se"]), default="std", show_default=True,
+              help="Standard deviation or standard error over seeds.")
+@click.option("--heads", is_flag=True, help="One row per head (main / CLS / DIST) for multi-head methods.")
+@click.option("--by", multiple=True, metavar="KEY",
+              help="Split rows by a config key: preset, a hyperparameter (teacher, epochs, ...) or data.KEY.")
+@click.option("--method", "methods", multiple=True, help="Only these methods (repeatable).")
+@click.option("--dataset", "datasets", multiple=True, help="Only these datasets (repeatable).")
+@click.option("--compare", type=click.Choice(["paper"]), default=None,
+              help="Add the published numbers (ltbench/reference/paper_numbers.csv) and the difference.")
+@click.option("--digits", type=int, default=2, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to FILE.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write per-class and CLS-vs-DIST figures (PNG and PDF) into DIR.")
+def report(results, fmt, split, metrics, select, spread, heads, by, methods, datasets, compare, digits, out,
+           plots_dir) -> None:
+    """Tables of many/medium/few accuracy over seeds from the run folders (reads nothing else)."""
+    from ltbench import report as rp
+
+    metric_list = tuple(m.strip() for item in metrics for m in item.split(",") if m.strip()) or rp.DEFAULT_METRICS
+    options = rp.ReportOptions(select=select, split=split, metrics=metric_list, heads=heads, by=tuple(by),
+                               spread=spread, digits=digits, compare=compare, methods=tuple(methods),
+                               datasets=tuple(datasets))
+    text = rp.report(results.resolve(), fmt, options)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        err_console.print(f"wrote {out}", highlight=False)
+    else:
+        click.echo(text, nl=False)
+    if plots_dir:
+        from ltbench.plots import write_plots
+
+        files = write_plots(rp.load_runs(results.resolve(), options), plots_dir, options)
+        err_console.print(f"wrote {len(files)} figure file(s) to {plots_dir}", highlight=False)
+
+
+def _print_jobs(jobs, title: str) -> None:
+    """An aligned plain-text table (it stays readable in logs and narrow terminals)."""
+    from ltbench.sweep import describe_job
+
+    rows = [describe_job(j) for j in jobs]
+    if not rows:
+        return
+    widths = {col: max(len(col), *(len(r[col]) for r in rows)) for col in rows[0]}
+    style = {"done": "green", "partial": "yellow", "failed": "red", "blocked": "red"}
+    console.print(title, style="bold", highlight=False, soft_wrap=True)
+    console.print("  ".join(col.ljust(w) for col, w in widths.items()), style="dim", highlight=False, soft_wrap=True)
+    for row in rows:
+        line = "  ".join(row[col].ljust(w) for col, w in widths.items())
+        console.print(line, style=style.get(row["status"]), highlight=False, soft_wrap=True)
+
+
+def _sweep_epilogue(outcome) -> None:
+    plan = outcome.plan
+    for job in plan.jobs.values():
+        if job.run_id in outcome.failed:
+            job.status = "failed"
+        elif job.run_id in outcome.blocked:
+            job.status = "blocked"
+    unfinished = [j for j in plan.jobs.values() if j.status != "done"]
+    if unfinished:
+        _print_jobs(unfinished, title=f"sweep {plan.sweep_id}: runs not done")
+    for run_id, error in outcome.failed.items():
+        err_console.print(f"[red]failed[/] {run_id} ({plan.jobs[run_id].label}): {error}", highlight=False)
+    for run_id, reason in outcome.blocked.items():
+        err_console.print(f"[red]not started[/] {run_id} ({plan.jobs[run_id].label}): {reason}", highlight=False)
+    done = sum(j.status == "done" for j in plan.jobs.values())
+    err_console.print(f"{done}/{len(plan.jobs)} run(s) done; Ray's files: {plan.sweep_dir}", highlight=False)
+    if outcome.failed or outcome.blocked:
+        err_console.print("Fix the cause and run the same command again: finished runs are kept.")
+        sys.exit(1)
+    if outcome.interrupted:
+        err_console.print("Interrupted: run the same command again to resume the unfinished runs.")
+        sys.exit(130)
+    if unfinished:
+        err_console.print("Stopped by --stop-after-epochs: run the same command to continue.")
+
+
 @main.command(name="list")
 @click.argument("what", type=click.Choice(["methods", "datasets", "evaluators", "presets"]), default="methods")
 def list_(what: str) -> None:

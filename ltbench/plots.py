@@ -1,0 +1,105 @@
+"""Figures from run folders (matplotlib, PNG and PDF), on the same rows and selection as the tables.
+
+* ``per_class_<dataset>_rho<r>``: per-class test accuracy against the class's training images
+  (log x), one line per table row (mean over seeds), which shows where each method gains: head or tail.
+* ``cls_dist_<row>_<dataset>_rho<r>``: for distilled runs, the CLS and DIST heads' per-class accuracy
+  against training images; DeiT-LT's claim is that CLS is the head expert and DIST the tail expert.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ltbench.report import ReportOptions, RunSet, label_rows, natural_key
+
+HEAD_STYLE = {"main": ("average (main)", "--", "0.4"), "cls": ("CLS head", "-", "tab:blue"),
+              "dist": ("DIST head", "-", "tab:orange")}
+
+
+def write_plots(runs: RunSet, out_dir: Path, options: ReportOptions | None = None) -> list[Path]:
+    """Write every figure for the finished runs in ``runs``; returns the files written."""
+    options = options or ReportOptions()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = runs.frame.drop_duplicates("run_id").copy()
+    if frame.empty:
+        return []
+    frame["row"] = frame["run_id"].map(label_rows(runs, options.by))
+    written: list[Path] = []
+    for (dataset, rho), cell in frame.groupby(["dataset", frame["rho"].fillna(-1.0)], sort=False):
+        suffix = f"{_slug(dataset)}" + (f"_rho{rho:g}" if rho >= 0 else "")
+        title = dataset + (f" ρ={rho:g}" if rho >= 0 else "")
+        written += _save(_per_class_figure(runs, cell, title), out_dir / f"per_class_{suffix}")
+        for row, group in cell.groupby("row", sort=False):
+            heads = runs.per_class[group["run_id"].iloc[0]]["heads"]
+            if {"cls", "dist"} <= set(heads):
+                figure = _heads_figure(runs, group, f"{row}: {title}")
+                written += _save(figure, out_dir / f"cls_dist_{_slug(row)}_{suffix}")
+    return written
+
+
+def _mean_curve(runs: RunSet, run_ids: list[str], head: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Training counts and the per-class accuracy averaged over the runs (seeds), sorted by count."""
+    curves = [runs.per_class[r]["heads"].get(head) for r in run_ids]
+    counts = runs.per_class[run_ids[0]]["class_counts"]
+    if counts is None or any(c is None for c in curves):
+        return None
+    acc = np.nanmean(np.array([[math.nan if v is None else v for v in c] for c in curves], dtype=float), axis=0)
+    order = np.argsort(-np.asarray(counts), kind="stable")
+    return np.asarray(counts, dtype=float)[order], acc[order]
+
+
+def _per_class_figure(runs: RunSet, cell, title: str):
+    figure, axes = _figure()
+    for row in sorted(cell["row"].unique(), key=natural_key):
+        run_ids = list(cell.loc[cell["row"] == row, "run_id"])
+        curve = _mean_curve(runs, run_ids, "main")
+        if curve is not None:
+            axes.plot(*curve, marker="o", markersize=3, linewidth=1.2, label=f"{row} (n={len(run_ids)})")
+    _decorate(axes, f"{title}: per-class accuracy")
+    return figure
+
+
+def _heads_figure(runs: RunSet, group, title: str):
+    figure, axes = _figure()
+    run_ids = list(group["run_id"])
+    for head in ("cls", "dist", "main"):
+        curve = _mean_curve(runs, run_ids, head)
+        if curve is not None:
+            label, style, color = HEAD_STYLE[head]
+            axes.plot(*curve, linestyle=style, color=color, marker="o", markersize=3, linewidth=1.2, label=label)
+    _decorate(axes, f"{title} (n={len(run_ids)})")
+    return figure
+
+
+def _figure():
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
+    return figure, figure.subplots()
+
+
+def _decorate(axes, title: str) -> None:
+    axes.set_xscale("log")
+    axes.invert_xaxis()  # head classes on the left, tail on the right, as LT papers draw it
+    axes.set_xlabel("training images of the class (log scale)")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_ylim(-2, 102)
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend(fontsize=8)
+
+
+def _save(figure, stem: Path) -> list[Path]:
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    figure.savefig(paths[0], dpi=150)
+    figure.savefig(paths[1])
+    return paths
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
