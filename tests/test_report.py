@@ -1,0 +1,237 @@
+"""`ltbench report` on committed fake run folders (tests/golden/runs, written by tests/golden/make_runs.py).
+
+The fixture has: erm_vit under two presets (must never share a cell), deitlt with CLS/DIST heads, a
+cell with 2 of 3 seeds plus an unfinished run (excluded and footnoted), a cell with one seed, a missing
+cell (deitlt at rho=50) and CIFAR-10's empty few-shot group. After an intended change of the output,
+regenerate the expected files with:
+
+    LTBENCH_REGEN_GOLDEN=1 .venv/bin/pytest tests/test_report.py
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ltbench import report as rp
+from ltbench.errors import UserError
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+REGEN = os.environ.get("LTBENCH_REGEN_GOLDEN") == "1"
+
+CASES = {
+    "report.md": ("markdown", {}),
+    "report.tex": ("latex", {}),
+    "report.csv": ("csv", {}),
+    "report_heads_paper_compare.md": ("markdown", {"heads": True, "split": "paper", "compare": "paper"}),
+    "report_best_se_compare.tex": ("latex", {"select": "best", "spread": "se", "metrics": ("top1", "ece"),
+                                             "compare": "paper"}),
+}
+
+
+def render(fmt: str, **options) -> str:
+    return rp.report(GOLDEN, fmt, rp.ReportOptions(**options))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden_output_is_byte_identical(name):
+    fmt, options = CASES[name]
+    text = render(fmt, **options)
+    expected = GOLDEN / "expected" / name
+    if REGEN:
+        expected.parent.mkdir(exist_ok=True)
+        expected.write_text(text)
+    assert text == expected.read_text()
+
+
+def test_cli_writes_the_same_markdown(cli, tmp_path):
+    out = tmp_path / "table.md"
+    cli("report", "--results", str(GOLDEN), "--out", str(out))
+    assert out.read_text() == (GOLDEN / "expected" / "report.md").read_text()
+    shown = cli("report", "--results", str(GOLDEN), "--format", "csv", "--metric", "top1,few")
+    assert set(pd.read_csv(io.StringIO(shown.output))["metric"]) == {"top1", "few"}
+
+
+def _golden_results() -> list[tuple[dict, dict]]:
+    out = []
+    for folder in sorted((GOLDEN / "runs").iterdir()):
+        if (folder / "DONE").exists():
+            config, result = (json.loads((folder / name).read_text()) for name in ("config.json", "result.json"))
+            out.append((config, result))
+    return out
+
+
+def test_cell_mean_and_spread_match_the_run_files():
+    cells = pd.read_csv(io.StringIO(render("csv")))
+    values = [r["final"]["heads"]["main"]["top1"] for c, r in _golden_results()
+              if c["method"] == "deitlt" and c["dataset"] == "cifar100lt"]
+    cell = cells[(cells["row"] == "deitlt") & (cells["dataset"] == "cifar100lt") & (cells["metric"] == "top1")].iloc[0]
+    assert len(values) == 3 and cell["n"] == 3
+    assert cell["mean"] == pytest.approx(np.mean(values))
+    assert cell["std"] == pytest.approx(np.std(values, ddof=1))
+    assert cell["se"] == pytest.approx(np.std(values, ddof=1) / math.sqrt(3))
+
+
+def test_different_configurations_never_share_a_cell():
+    cells = pd.read_csv(io.StringIO(render("csv")))
+    c10 = cells[(cells["dataset"] == "cifar10lt") & (cells["rho"] == 100) & (cells["metric"] == "top1")]
+    erm = c10[c10["method"] == "erm_vit"]
+    assert sorted(erm["row"]) == ["erm_vit (preset=paper, epochs=1200)", "erm_vit (preset=short, epochs=100)"]
+    assert list(erm["n"]) == [3, 3] and erm["experiment"].nunique() == 2
+
+
+def test_a_method_version_bump_splits_the_row(tmp_path):
+    """Records of two versions of a method are shown apart, never averaged (aesthetics.md L8)."""
+    runs = tmp_path / "runs"
+    for folder in (GOLDEN / "runs").iterdir():
+        config = json.loads((folder / "config.json").read_text())
+        if config["method"] == "deitlt" and config["dataset"] == "cifar100lt":
+            shutil.copytree(folder, runs / folder.name)
+    bumped = sorted(runs.iterdir())[0]
+    config = json.loads((bumped / "config.json").read_text())
+    config["versions"]["method"] = 2
+    (bumped / "config.json").write_text(json.dumps(config))
+    cells = rp.aggregate(rp.load_runs(tmp_path), rp.ReportOptions(metrics=("top1",)))
+    assert sorted(zip(cells["row"], cells["n"])) == [("deitlt (versions.method=1)", 2),
+                                                     ("deitlt (versions.method=2)", 1)]
+
+
+def test_incomplete_runs_are_excluded_and_counted():
+    runs = rp.load_runs(GOLDEN)
+    assert [(r["method"], r["rho"], r["seed"]) for r in runs.incomplete] == [("erm_vit", 50.0, 2)]
+    assert runs.frame["run_id"].nunique() == 15
+    markdown = render("markdown")
+    assert "Excluded 1 incomplete run(s): erm_vit / cifar10lt ρ=50 (seed 2: unfinished (3 epoch(s) logged))" in markdown
+    assert "71.36 ± 0.16 (n=2)" in markdown and "unless marked (n=k)" in markdown
+
+
+def test_bold_marks_the_best_mean_of_each_column_and_missing_cells_are_marked():
+    options = rp.ReportOptions(heads=True)
+    runs = rp.load_runs(GOLDEN, options)
+    table = rp.build_table(rp.aggregate(runs, options), runs, options)
+    for j in range(len(table.columns)):
+        cells = [cells[j] for _, cells, _ in table.rows if not cells[j].missing and cells[j].text != "n/a"]
+        if len(cells) < 2:
+            assert not any(c.bold for c in cells)
+            continue
+        best = max(float(c.text) for c in cells)
+        assert [c.bold for c in cells] == [float(c.text) == best for c in cells]
+    labels = [label for label, _, _ in table.rows]
+    assert labels[:3] == ["deitlt [main]", "deitlt [cls]", "deitlt [dist]"]
+    deitlt_rho50 = table.rows[0][1][4]  # columns: C10 rho=100 x 4 metrics, then C10 rho=50
+    assert deitlt_rho50.missing and table.groups[1] == ("cifar10lt ρ=50", 4)
+    assert table.rows[0][1][3].text == "n/a"  # CIFAR-10-LT has no class with < 20 images under the counts rule
+
+
+def test_lower_ece_is_best():
+    options = rp.ReportOptions(metrics=("ece",))
+    runs = rp.load_runs(GOLDEN, options)
+    table = rp.build_table(rp.aggregate(runs, options), runs, options)
+    column = [cells[0] for _, cells, _ in table.rows if not cells[0].missing]
+    assert [c.bold for c in column] == [float(c.text) == min(float(x.text) for x in column) for c in column]
+
+
+def test_paper_comparison_uses_matching_reference_and_main_head_only():
+    options = rp.ReportOptions(heads=True, compare="paper", split="paper")
+    runs = rp.load_runs(GOLDEN, options)
+    cells = rp.add_reference(rp.aggregate(runs, options), runs, options)
+    main = cells[(cells["row"] == "deitlt") & (cells["head"] == "main") & (cells["dataset"] == "cifar10lt")]
+    top1 = main[main["metric"] == "top1"].iloc[0]
+    assert top1["paper"] == 87.5 and top1["delta"] == pytest.approx(top1["mean"] - 87.5)
+    assert main[main["metric"] == "few"].iloc[0]["paper"] == 85.0  # DeiT-LT README, index split
+    table = rp.build_table(cells, runs, options)
+    kinds = [(label, kind) for label, _, kind in table.rows]
+    assert kinds[:5] == [("deitlt [main]", "run"), ("↳ paper", "paper"), ("↳ Δ vs paper", "delta"),
+                         ("deitlt [cls]", "run"), ("deitlt [dist]", "run")]
+
+
+def test_reference_matching_follows_the_conditions():
+    ref = rp.reference_numbers()
+    paco = rp.match_reference(ref, "deitlt", "cifar100lt", 50.0, "top1", "counts", {"teacher": "paco_sam"})
+    ldam = rp.match_reference(ref, "deitlt", "cifar10lt", 100.0, "top1", "counts", {"teacher": "ldam_drw_sam"})
+    assert paco["value"] == 60.5 and ldam["value"] == 84.8
+    assert rp.match_reference(ref, "deitlt", "cifar10lt", 100.0, "top1", "counts", {"teacher": "erm_cnn"}) is None
+    assert rp.match_reference(ref, "ldam_drw", "cifar10lt", 100.0, "top1", "counts", {"sam": "true"})["value"] == 81.9
+    assert rp.match_reference(ref, "ldam_drw", "cifar10lt", 100.0, "top1", "counts", {"sam": "false"})["value"] == 77.03
+    # A group number is only compared under the split rule its source used.
+    assert rp.match_reference(ref, "deitlt", "cifar10lt", 100.0, "many", "counts", {"teacher": "paco_sam"}) is None
+    flat = {"sam": "true", "data.eval_split": "test", "data.sort_by_frequency": "true"}
+    assert rp.match_reference(ref, "paco", "imagenetlt", math.nan, "few", "paper", flat)["value"] == 39.3
+
+
+def test_reference_file_is_well_formed():
+    ref = rp.reference_numbers()
+    assert set(ref["metric"]) <= {"top1", "many", "medium", "few"}
+    assert set(ref["split"]) <= {"", "paper", "counts", "unknown"}
+    assert ((ref["split"] == "") == (ref["metric"] == "top1")).all()
+    assert ref["value"].between(0, 100).all() and (ref["source"] != "").all() and set(ref["tag"]) <= {"V", "M"}
+    key = ["method", "match", "dataset", "rho", "metric", "split"]
+    assert not ref.duplicated(key).any()
+    # deitlt.md 6.1: every CIFAR row is better at rho=50 than at rho=100 (the column-order check of the spec).
+    cifar = ref[ref["dataset"].str.startswith("cifar") & (ref["metric"] == "top1")]
+    wide = cifar.pivot_table(index=["method", "match", "dataset"], columns="rho", values="value").dropna()
+    assert len(wide) >= 20 and (wide[50.0] > wide[100.0]).all()
+
+
+def test_best_selection_says_so_in_the_caption():
+    text = render("markdown", select="best", metrics=("top1",))
+    assert "best test epoch" in text and "final epoch" not in text
+
+
+def test_latex_escaping_and_balance():
+    assert rp.latex_escape("erm_vit 5% & #1 {x}") == r"erm\_vit 5\% \& \#1 \{x\}"
+    tex = render("latex", heads=True, compare="paper")
+    assert tex.count("{") == tex.count("}") and tex.count(r"\begin{") == tex.count(r"\end{")
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex and "erm\\_vit" in tex
+    assert "erm_vit" not in tex.replace("erm\\_vit", "")
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
+def test_latex_compiles(tmp_path):
+    (tmp_path / "table.tex").write_text(render("latex", heads=True, compare="paper"))
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "table.tex"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout[-2000:]
+
+
+def test_json_and_html_keep_the_numbers():
+    payload = json.loads(render("json"))
+    assert len(payload["cells"]) == len(pd.read_csv(io.StringIO(render("csv"))))
+    assert payload["incomplete"][0]["reason"].startswith("unfinished")
+    assert len({r["run_id"] for r in payload["runs"]}) == 15 and len(payload["runs"]) == 15 + 6 * 2  # + CLS/DIST
+    html = render("html")
+    assert html.count("<tr>") == 2 + 3 and "<b>" in html and 'colspan="4"' in html
+
+
+def test_filters_and_bad_options(tmp_path):
+    text = render("markdown", methods=("deitlt",), datasets=("cifar100lt",))
+    assert "erm" not in text and "cifar10lt" not in text
+    with pytest.raises(UserError, match="--metric"):
+        rp.ReportOptions(metrics=("top5",))
+    with pytest.raises(UserError, match="No run folders"):
+        rp.report(tmp_path)
+    with pytest.raises(UserError, match="nothing to tabulate"):
+        render("markdown", methods=("paco",))
+
+
+def test_plots_are_written_for_rows_and_distilled_heads(tmp_path):
+    from ltbench.plots import write_plots
+
+    files = write_plots(rp.load_runs(GOLDEN), tmp_path)
+    names = sorted(p.name for p in files)
+    assert "per_class_cifar10lt_rho100.png" in names and "per_class_cifar10lt_rho100.pdf" in names
+    assert [n for n in names if n.startswith("cls_dist")] == [
+        "cls_dist_deitlt_cifar100lt_rho100.pdf", "cls_dist_deitlt_cifar100lt_rho100.png",
+        "cls_dist_deitlt_cifar10lt_rho100.pdf", "cls_dist_deitlt_cifar10lt_rho100.png"]
+    for path in files:
+        head = path.read_bytes()[:8]
+        assert head.startswith(b"\x89PNG") if path.suffix == ".png" else head.startswith(b"%PDF")
