@@ -28,6 +28,8 @@ from ltbench.data import (
     ldam_subsample,
 )
 from ltbench.errors import UserError
+from ltbench.portable import load as load_subset
+from ltbench.portable import subset_path
 
 
 @dataclass
@@ -40,6 +42,7 @@ class _CIFARLT(Dataset):
     Options = CIFARLTOptions
     VERSION = 1
     num_classes: ClassVar[int]
+    n_max: ClassVar[int]
     folder: ClassVar[str]
     train_files: ClassVar[tuple[str, ...]]
     test_files: ClassVar[tuple[str, ...]]
@@ -51,6 +54,10 @@ class _CIFARLT(Dataset):
     paper_split: ClassVar[tuple[int, int]]
 
     def load(self) -> LTData:
+        portable = subset_path(self.data_root, self.name, self.options.rho, self.options.subsample_seed)
+        if not self._originals_present() and portable.is_file():
+            counts = exp_profile_counts(self.n_max, self.num_classes, self.options.rho)
+            return load_subset(portable, counts)
         folder = self.locate()
         train_x, train_y = self._read(folder, self.train_files)
         test_x, test_y = self._read(folder, self.test_files)
@@ -70,6 +77,9 @@ class _CIFARLT(Dataset):
         )
         return LTData(info, InMemorySplit(train_x[kept], train_y[kept]), InMemorySplit(test_x, test_y), kept)
 
+    def _originals_present(self) -> bool:
+        return any((c / self.train_files[0]).is_file() for c in (self.data_root / self.folder, self.data_root))
+
     def locate(self) -> Path:
         """The batches folder: ``<root>/<folder>`` or the root itself."""
         for candidate in (self.data_root / self.folder, self.data_root):
@@ -79,7 +89,8 @@ class _CIFARLT(Dataset):
             f"{self.name}: the CIFAR python-pickle batches were not found in {self.data_root / self.folder} "
             f"(nor directly in {self.data_root}); expected files {', '.join(self.train_files + self.test_files)}. "
             f"Point --data-root (or LTBENCH_DATA) at the folder that contains {self.folder}/, "
-            f"or fetch it with `ltbench data download {self.name} --data-root DIR` on a machine with internet."
+            f"or fetch it with `ltbench data download {self.name} --data-root DIR` on a machine with internet "
+            f"(a subset exported by `ltbench data export` is also read from {self.data_root / 'ltbench-subsets'})."
         )
 
     def _read(self, folder: Path, files: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +164,7 @@ class CIFAR10LT(_CIFARLT):
 
     name = "cifar10lt"
     num_classes = 10
+    n_max = 5000
     folder = "cifar-10-batches-py"
     train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
     test_files = ("test_batch",)
@@ -168,6 +180,7 @@ class CIFAR100LT(_CIFARLT):
 
     name = "cifar100lt"
     num_classes = 100
+    n_max = 500
     folder = "cifar-100-python"
     train_files = ("train",)
     test_files = ("test",)

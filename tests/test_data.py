@@ -155,3 +155,18 @@ def test_download_rejects_a_bad_checksum(tmp_path):
     with pytest.raises(UserError, match="md5"):
         CIFAR100LT.download(root, url=archive.as_uri(), md5="0" * 32)
     assert not (root / "cifar-100-python").exists()
+
+
+def test_portable_subset_round_trip(tmp_path, cli):
+    _fake_cifar100(tmp_path / "orig")
+    cli("data", "export", "cifar100lt", "--rho", "4", "--data-root", str(tmp_path / "orig"), "--out",
+        str(tmp_path / "ship"))
+    original = CIFAR100LT(CIFARLTOptions(rho=4), tmp_path / "orig").load()
+    shipped = CIFAR100LT(CIFARLTOptions(rho=4), tmp_path / "ship").load()  # no originals there
+    assert np.array_equal(original.train.images, shipped.train.images)
+    assert np.array_equal(original.test.labels, shipped.test.labels)
+    assert np.array_equal(original.train_indices, shipped.train_indices)
+    assert rank_fingerprint(shipped.info.extras["kept_ranks"]) == rank_fingerprint(original.info.extras["kept_ranks"])
+    assert shipped.info.train_counts == original.info.train_counts
+    with pytest.raises(UserError, match="not found"):  # a different rho has no subset there
+        CIFAR100LT(CIFARLTOptions(rho=8), tmp_path / "ship").load()
