@@ -42,7 +42,6 @@ class _CIFARLT(Dataset):
     Options = CIFARLTOptions
     VERSION = 1
     num_classes: ClassVar[int]
-    n_max: ClassVar[int]
     folder: ClassVar[str]
     train_files: ClassVar[tuple[str, ...]]
     test_files: ClassVar[tuple[str, ...]]
@@ -56,8 +55,7 @@ class _CIFARLT(Dataset):
     def load(self) -> LTData:
         portable = subset_path(self.data_root, self.name, self.options.rho, self.options.subsample_seed)
         if not self._originals_present() and portable.is_file():
-            counts = exp_profile_counts(self.n_max, self.num_classes, self.options.rho)
-            return load_subset(portable, counts)
+            return load_subset(portable, self.options.rho)
         folder = self.locate()
         train_x, train_y = self._read(folder, self.train_files)
         test_x, test_y = self._read(folder, self.test_files)
@@ -164,7 +162,6 @@ class CIFAR10LT(_CIFARLT):
 
     name = "cifar10lt"
     num_classes = 10
-    n_max = 5000
     folder = "cifar-10-batches-py"
     train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
     test_files = ("test_batch",)
@@ -180,7 +177,6 @@ class CIFAR100LT(_CIFARLT):
 
     name = "cifar100lt"
     num_classes = 100
-    n_max = 500
     folder = "cifar-100-python"
     train_files = ("train",)
     test_files = ("test",)

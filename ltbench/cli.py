@@ -153,15 +153,15 @@ def sweep(grid_file, methods, datasets, rho, seeds, preset, epochs, sets, save_l
     plan = sw.plan_sweep(grid, runtime.results)
     upstream = sum(not j.requested for j in plan.jobs.values())
     err_console.print(f"{sw.grid_summary(grid)} -> {len(plan.jobs)} run(s) ({upstream} upstream): "
-                      f"{sw.summarize(plan.jobs.values())}", highlight=False)
+                      f"{sw.summarize(plan.jobs.values())}", highlight=False, soft_wrap=True)
     for note in plan.notes:
-        err_console.print(f"note: {note}", style="dim", highlight=False)
+        err_console.print(f"note: {note}", style="dim", highlight=False, soft_wrap=True)
     if dry_run:
         _print_jobs(plan.jobs.values(), title=f"sweep {plan.sweep_id} (dry run) -> {plan.results}")
         return
     if not plan.todo():
         err_console.print(f"Nothing to train: all {len(plan.jobs)} run(s) are done. Tables: ltbench report "
-                          f"--results {plan.results}")
+                          f"--results {plan.results}", highlight=False, soft_wrap=True)
         return
     resources = sw.Resources(gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address,
                              max_failures=max_failures)
@@ -212,14 +212,14 @@ def report(results, fmt, split, metrics, select, spread, heads, by, methods, dat
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
-        err_console.print(f"wrote {out}", highlight=False)
+        err_console.print(f"wrote {out}", highlight=False, soft_wrap=True)
     else:
         click.echo(text, nl=False)
     if plots_dir:
         from ltbench.plots import write_plots
 
         files = write_plots(rp.load_runs(results.resolve(), options), plots_dir, options)
-        err_console.print(f"wrote {len(files)} figure file(s) to {plots_dir}", highlight=False)
+        err_console.print(f"wrote {len(files)} figure file(s) to {plots_dir}", highlight=False, soft_wrap=True)
 
 
 def _print_jobs(jobs, title: str) -> None:
@@ -249,19 +249,19 @@ def _sweep_epilogue(outcome) -> None:
     if unfinished:
         _print_jobs(unfinished, title=f"sweep {plan.sweep_id}: runs not done")
     for run_id, error in outcome.failed.items():
-        err_console.print(f"[red]failed[/] {run_id} ({plan.jobs[run_id].label}): {error}", highlight=False)
+        err_console.print(f"[red]failed[/] {run_id} ({plan.jobs[run_id].label}): {error}", highlight=False, soft_wrap=True)
     for run_id, reason in outcome.blocked.items():
-        err_console.print(f"[red]not started[/] {run_id} ({plan.jobs[run_id].label}): {reason}", highlight=False)
+        err_console.print(f"[red]not started[/] {run_id} ({plan.jobs[run_id].label}): {reason}", highlight=False, soft_wrap=True)
     done = sum(j.status == "done" for j in plan.jobs.values())
-    err_console.print(f"{done}/{len(plan.jobs)} run(s) done; Ray's files: {plan.sweep_dir}", highlight=False)
+    err_console.print(f"{done}/{len(plan.jobs)} run(s) done; Ray's files: {plan.sweep_dir}", highlight=False, soft_wrap=True)
     if outcome.failed or outcome.blocked:
-        err_console.print("Fix the cause and run the same command again: finished runs are kept.")
+        err_console.print("Fix the cause and run the same command again: finished runs are kept.", soft_wrap=True)
         sys.exit(1)
     if outcome.interrupted:
-        err_console.print("Interrupted: run the same command again to resume the unfinished runs.")
+        err_console.print("Interrupted: run the same command again to resume the unfinished runs.", soft_wrap=True)
         sys.exit(130)
     if unfinished:
-        err_console.print("Stopped by --stop-after-epochs: run the same command to continue.")
+        err_console.print("Stopped by --stop-after-epochs: run the same command to continue.", soft_wrap=True)
 
 
 @main.command(name="list")
@@ -301,6 +301,27 @@ def info(dataset, rho, sets, data_root, as_json) -> None:
         return
     for key, value in summary.items():
         console.print(f"[bold]{key}[/]: {value}", highlight=False, soft_wrap=True)
+
+
+@data.command()
+@click.argument("dataset")
+@click.option("--rho", type=float, default=None)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Dataset option (e.g. subsample_seed=1).")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Data root to write the subset under.")
+def export(dataset, rho, sets, data_root, out) -> None:
+    """Freeze an in-memory LT dataset into one portable file (to ship an exact subset to another machine)."""
+    from ltbench import config as cfgmod
+    from ltbench import portable
+    from ltbench.data import default_data_root
+    from ltbench.registry import DATASETS
+    from ltbench.stages import _dataset_options
+
+    cls = DATASETS.get(dataset)
+    options = _dataset_options(cls, rho, cfgmod.parse_set_options([s.removeprefix("data.") for s in sets])[0])
+    data = cls(options, (data_root or default_data_root()).resolve()).load()
+    path = portable.subset_path(out.resolve(), dataset, options.rho, getattr(options, "subsample_seed", 0))
+    console.print(f"wrote {portable.export(data, path)}", highlight=False)
 
 
 @data.command()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ltbench.data import DatasetInfo, InMemorySplit, LTData, rank_fingerprint
+from ltbench.data import DatasetInfo, InMemorySplit, LTData, exp_profile_counts, rank_fingerprint
 from ltbench.errors import UserError
 from ltbench.records import atomic_write_bytes
 
@@ -44,15 +44,17 @@ def export(data: LTData, path: Path) -> Path:
     return path
 
 
-def load(path: Path, expected_counts: list[int]) -> LTData:
+def load(path: Path, rho: float) -> LTData:
+    """Read a subset back, checking its class counts follow the LT profile for ``rho`` and its fingerprint."""
     try:
         arrays = np.load(io.BytesIO(lzma.decompress(path.read_bytes())))
         meta = json.loads(arrays["meta"].tobytes().decode())
     except (OSError, lzma.LZMAError, ValueError, KeyError) as exc:
         raise UserError(f"{path} is not a readable ltbench subset ({exc}); export it again.") from exc
     ranks = np.split(arrays["ranks"], np.cumsum(arrays["rank_lengths"])[:-1]) if len(arrays["ranks"]) else []
-    counts = np.bincount(arrays["train_y"], minlength=len(expected_counts)).tolist()
-    if counts != list(expected_counts) or (ranks and rank_fingerprint(ranks) != meta["rank_fingerprint"]):
+    expected = exp_profile_counts(meta["train_counts"][0], meta["num_classes"], rho)
+    counts = np.bincount(arrays["train_y"], minlength=meta["num_classes"]).tolist()
+    if counts != expected or (ranks and rank_fingerprint(ranks) != meta["rank_fingerprint"]):
         raise UserError(f"{path} does not hold the subset its name claims (class counts {counts}); export it again.")
     meta = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items() if k != "rank_fingerprint"}
     info = DatasetInfo(**meta, extras={"kept_ranks": ranks} if ranks else {})
