@@ -2,19 +2,19 @@
 
 For datasets that fit in memory (CIFAR) the images stay on the GPU as uint8 and every per-image
 augmentation of the CPU pipeline (:mod:`ltbench.augment`) runs as a few batched ops with per-sample
-random parameters: the crop boxes and flips become one affine grid per batch (``grid_sample``);
-RandAugment's ops fall into three families that each cost one batched op per layer, whatever op a
-sample drew: per-channel lookup tables (AutoContrast, Equalize, Invert, Posterize, Solarize,
-SolarizeAdd, Brightness, Contrast: one ``gather``), affine warps (Rotate, Shear, Translate: one
-``grid_sample``) and per-pixel blends (Color, Sharpness). Samples that did not draw an op of a family
-keep their pixels through ``torch.where``, so nothing reads a mask on the host and the per-batch path
-never synchronises. Values are rounded to integers after every op, as PIL stores uint8 between ops.
+random parameters. RandomResizedCrop + flip is Pillow's separable crop-then-resize written as two
+batched matmuls with per-sample coefficient matrices. RandAugment's ops fall into three families that
+each cost one batched op per layer whatever op a sample drew: per-channel lookup tables (AutoContrast,
+Equalize, Invert, Posterize, Solarize, SolarizeAdd, Brightness, Contrast: one ``gather``), affine warps
+(Rotate, Shear, Translate: one 16-tap bicubic gather) and per-pixel blends (Color, Sharpness). Samples
+that did not draw an op of a family keep their pixels through ``torch.where``, so nothing reads a mask
+on the host and the per-batch path never synchronises. Values are integers between ops, as PIL stores
+uint8 between ops.
 
-Equivalence with the PIL/timm pipeline is by construction of the parameters (same level-to-argument
-mappings, probabilities and rejection sampling) and is checked statistically in the tests. Known
-differences: the bicubic kernel (``grid_sample`` uses a = -0.75; PIL's resize uses a = -0.5 and its
-affine warps a = -1), and RandomResizedCrop samples neighbours just outside the crop box where PIL
-clamps to the box edge; both change a few grey levels near edges, not the distribution.
+The ops follow PIL's arithmetic (blend truncation, luma weights, Equalize's step rule, Geometry.c's
+a = -1 cubic with truncation, Resample.c's a = -0.5 cubic with renormalised taps), so single ops agree
+with PIL exactly or within one grey level; random parameters follow timm's sampling (ten rejection
+attempts, magnitude noise, random negation). The tests check both, and whole-recipe statistics.
 
 Mixup/CutMix are batch-level and stay in the methods (timm's ``Mixup`` works on device batches).
 """
@@ -213,30 +213,38 @@ class DeviceBatches:
     """An epoch of augmented batches drawn from uint8 images that already live on the training device.
 
     Yields ``(x, y)``: float32 normalised NCHW images and int64 labels on the images' device. Every pass
-    re-seeds its generator from ``seed``, so a pass is one reproducible epoch (the engine builds one per
+    re-seeds its generators from ``seed``, so a pass is one reproducible epoch (the engine builds one per
     epoch with a per-epoch seed, as it does for the CPU loader). ``repeated_aug`` > 1 is DeiT's repeated
     augmentation on one process: each index ``repeated_aug`` times, epoch length floor(N / 256) * 256.
+
+    ``batch_size`` is the global batch. As the engine's CPU loader does (``augment.MicroBatchSampler``, whose
+    arithmetic is reused, so ``batch_sampler.steps`` and ``batch_sampler.group_sizes`` mean the same), each
+    global batch is cut into this rank's shard and the shard into ``micro_batch``-sized pieces; ``drop_last``
+    drops an incomplete global batch. Only slice bounds are computed on the host: the order stays on the device.
     """
 
     def __init__(self, images_uint8_nhwc: torch.Tensor, labels: torch.Tensor, recipe: AugRecipe, batch_size: int, *,
-                 seed: int, drop_last: bool, repeated_aug: int = 1) -> None:
+                 seed: int, drop_last: bool, repeated_aug: int = 1, micro_batch: int | None = None, rank: int = 0,
+                 world: int = 1) -> None:
+        from ltbench.augment import MicroBatchSampler
+
         if images_uint8_nhwc.dtype != torch.uint8 or images_uint8_nhwc.dim() != 4 or images_uint8_nhwc.shape[-1] != 3:
             raise UserError(f"DeviceBatches needs uint8 RGB images shaped (N, H, W, 3), got "
                             f"{tuple(images_uint8_nhwc.shape)} {images_uint8_nhwc.dtype}.")
         if len(labels) != len(images_uint8_nhwc) or batch_size < 1 or repeated_aug < 1:
             raise UserError("DeviceBatches needs one label per image, batch_size >= 1 and repeated_aug >= 1.")
         self.images = images_uint8_nhwc
-        self.labels = labels.to(images_uint8_nhwc.device, torch.int64)
-        self.recipe, self.batch_size, self.seed = recipe, batch_size, seed
-        self.drop_last, self.repeated_aug = drop_last, repeated_aug
+        self.labels = torch.as_tensor(labels).to(images_uint8_nhwc.device, torch.int64)
+        self.recipe, self.seed, self.rank, self.repeated_aug = recipe, seed, rank, repeated_aug
         self.device = images_uint8_nhwc.device
-        n = len(labels)
+        n = len(self.labels)
         self.samples = ((n // 256) * 256 if n >= 256 else n) if repeated_aug > 1 else n
+        micro = micro_batch or -(-batch_size // world)
+        self.batch_sampler = MicroBatchSampler(range(self.samples), batch_size, micro, drop_last, rank, world)
+        self.slices = [(chunk[0], chunk[-1] + 1) for chunk in self.batch_sampler]  # contiguous positions
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return self.samples // self.batch_size
-        return -(-self.samples // self.batch_size)
+        return len(self.slices)
 
     def order(self, generator: torch.Generator) -> torch.Tensor:
         n = len(self.labels)
@@ -246,10 +254,11 @@ class DeviceBatches:
         return perm[: self.samples]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        order = self.order(generator)
-        for b in range(len(self)):
-            index = order[b * self.batch_size:(b + 1) * self.batch_size]
+        # every rank draws the same order; augmentation randomness differs per rank
+        order = self.order(torch.Generator(device=self.device).manual_seed(self.seed))
+        generator = torch.Generator(device=self.device).manual_seed((self.seed * 0x9E3779B1 + self.rank + 1) % 2**62)
+        for start, stop in self.slices:
+            index = order[start:stop]
             yield augment_batch(self.images[index], self.recipe, generator), self.labels[index]
 
 
@@ -315,7 +324,7 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
 
 
 # ----------------------------------------------------------------------------------------------
-# Geometry: crops, flips and the affine grids shared with RandAugment's warps
+# Geometry: crops, flips, resizing and RandAugment's affine warps
 
 
 def pad_crop_flip(images_uint8_nhwc: torch.Tensor, size: int, padding: int, hflip: float, rng: _Random) -> torch.Tensor:

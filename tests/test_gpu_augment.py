@@ -139,6 +139,20 @@ def test_repeated_augmentation_keeps_deit_epoch_length():
     assert torch.equal(order[:3], order[:1].repeat(3))  # repeats are consecutive, as DeiT's RASampler
 
 
+def test_micro_batches_and_rank_shards_follow_the_engine_loader():
+    images, labels = _indexed_images(300)
+    plain = AugRecipe(kind="none", mean=CIFAR_MEAN, std=CIFAR_STD)
+    single = DeviceBatches(images, labels, plain, 64, seed=2, drop_last=True)
+    whole = torch.cat([_decode_index(x, plain) for x, _ in single])
+    shards = []
+    for rank in (0, 1):
+        batches = DeviceBatches(images, labels, plain, 64, seed=2, drop_last=True, micro_batch=12, rank=rank, world=2)
+        assert batches.batch_sampler.group_sizes == [3] * 4 and batches.batch_sampler.steps[0] == (3, 64)
+        assert [len(y) for _, y in batches][:3] == [12, 12, 8]
+        shards.append(torch.cat([_decode_index(x, plain) for x, _ in batches]).view(4, 32))
+    assert torch.equal(torch.cat(shards, dim=1).view(-1), whole)  # the ranks split the single-process batches
+
+
 def test_an_epoch_is_reproducible_from_its_seed():
     images, labels = _indexed_images(96)
     first = [(x.clone(), y.clone()) for x, y in DeviceBatches(images, labels, DEIT, 32, seed=3, drop_last=True)]
