@@ -37,6 +37,8 @@ def runtime_options(func):
                      help="Per-device forward batch; gradients accumulate to the preset's batch."),
         click.option("--workers", type=int, default=None, help="Data-loader worker processes."),
         click.option("--download", is_flag=True, help="Download the dataset first if it is missing (needs internet)."),
+        click.option("--augment-on", type=click.Choice(["auto", "device", "cpu"]), default="auto", show_default=True,
+                     help="Where per-image augmentation runs; auto = on the GPU for in-memory datasets."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
     ]
     for opt in reversed(opts):
@@ -44,7 +46,8 @@ def runtime_options(func):
     return func
 
 
-def make_runtime(data_root, results, device, compile_, micro_batch, workers, download, quiet, **extra):
+def make_runtime(data_root, results, device, compile_, micro_batch, workers, download, quiet, augment_on="auto",
+                 **extra):
     from ltbench.data import default_data_root
     from ltbench.engine import Runtime
 
@@ -55,6 +58,7 @@ def make_runtime(data_root, results, device, compile_, micro_batch, workers, dow
             raise UserError(f"--device {device} was asked for, but PyTorch sees no CUDA GPU here. Use --device cpu.")
     return Runtime(results=Path(results).resolve(), data_root=(data_root or default_data_root()).resolve(),
                    device=device, compile=compile_, micro_batch=micro_batch, workers=workers, download=download,
+                   augment_on=augment_on,
                    progress=not quiet, echo=lambda msg: err_console.print(msg, highlight=False), **extra)
 
 
@@ -99,6 +103,32 @@ def run(method, dataset, rho, seed, preset, epochs, sets, save_logits, stop_afte
 for _opt in reversed(COMMON_RUN_OPTIONS):
     run = _opt(run)
 main.add_command(run)
+
+
+@main.command(name="bench")
+@click.option("--method", required=True, help="Method name (see `ltbench list methods`).")
+@click.option("--dataset", required=True, help="Dataset name (see `ltbench list datasets`).")
+@click.option("--rho", type=float, default=None, help="Imbalance ratio n_max/n_min (>= 1).")
+@click.option("--steps", type=int, default=10, show_default=True, help="Timed optimizer steps in each timed region.")
+@click.option("--warmup", type=int, default=None, help="Untimed steps before each timed region (default: --steps).")
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as one JSON object.")
+@runtime_options
+def bench_(method, dataset, rho, seed, preset, epochs, sets, steps, warmup, as_json, **rt) -> None:
+    """Time the real training step: img/s end to end and model-only, data wait, TFLOP/s, memory, projection."""
+    from ltbench import stages
+    from ltbench.bench import bench, format_report
+
+    config = stages.make_config(method, dataset, rho=rho, seed=seed, preset=preset, epochs=epochs, sets=sets)
+    report = bench(config, make_runtime(**rt), steps=steps, warmup=warmup)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for label, value in format_report(report):
+        console.print(f"[bold]{label:>26}[/]  {value}", highlight=False, soft_wrap=True)
+
+
+for _opt in reversed(COMMON_RUN_OPTIONS):
+    bench_ = _opt(bench_)
 
 
 @main.command(name="eval")
@@ -152,16 +182,16 @@ def sweep(grid_file, methods, datasets, rho, seeds, preset, epochs, sets, save_l
     runtime = make_runtime(**rt, save_logits=save_logits, stop_after_epochs=stop_after_epochs)
     plan = sw.plan_sweep(grid, runtime.results)
     upstream = sum(not j.requested for j in plan.jobs.values())
-    err_console.print(f"{sw.grid_summary(grid)} -> {len(plan.jobs)} run(s) ({upstream} upstream): "
-                      f"{sw.summarize(plan.jobs.values())}", highlight=False, soft_wrap=True)
+    _say(f"{sw.grid_summary(grid)} -> {len(plan.jobs)} run(s) ({upstream} upstream): "
+                      f"{sw.summarize(plan.jobs.values())}")
     for note in plan.notes:
-        err_console.print(f"note: {note}", style="dim", highlight=False, soft_wrap=True)
+        _say(f"note: {note}", style="dim")
     if dry_run:
         _print_jobs(plan.jobs.values(), title=f"sweep {plan.sweep_id} (dry run) -> {plan.results}")
         return
     if not plan.todo():
-        err_console.print(f"Nothing to train: all {len(plan.jobs)} run(s) are done. Tables: ltbench report "
-                          f"--results {plan.results}", highlight=False, soft_wrap=True)
+        _say(f"Nothing to train: all {len(plan.jobs)} run(s) are done. Tables: ltbench report "
+                          f"--results {plan.results}")
         return
     resources = sw.Resources(gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address,
                              max_failures=max_failures)
@@ -212,14 +242,19 @@ def report(results, fmt, split, metrics, select, spread, heads, by, methods, dat
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
-        err_console.print(f"wrote {out}", highlight=False, soft_wrap=True)
+        _say(f"wrote {out}")
     else:
         click.echo(text, nl=False)
     if plots_dir:
         from ltbench.plots import write_plots
 
         files = write_plots(rp.load_runs(results.resolve(), options), plots_dir, options)
-        err_console.print(f"wrote {len(files)} figure file(s) to {plots_dir}", highlight=False, soft_wrap=True)
+        _say(f"wrote {len(files)} figure file(s) to {plots_dir}")
+
+
+def _say(message: str, **style) -> None:
+    """A status line on stderr, unwrapped (log files and tests see it whole)."""
+    err_console.print(message, highlight=False, soft_wrap=True, **style)
 
 
 def _print_jobs(jobs, title: str) -> None:
@@ -231,14 +266,16 @@ def _print_jobs(jobs, title: str) -> None:
         return
     widths = {col: max(len(col), *(len(r[col]) for r in rows)) for col in rows[0]}
     style = {"done": "green", "partial": "yellow", "failed": "red", "blocked": "red"}
-    console.print(title, style="bold", highlight=False, soft_wrap=True)
-    console.print("  ".join(col.ljust(w) for col, w in widths.items()), style="dim", highlight=False, soft_wrap=True)
+    console.print(title, style="bold")
+    console.print("  ".join(col.ljust(w) for col, w in widths.items()), style="dim")
     for row in rows:
         line = "  ".join(row[col].ljust(w) for col, w in widths.items())
-        console.print(line, style=style.get(row["status"]), highlight=False, soft_wrap=True)
+        console.print(line, style=style.get(row["status"]))
 
 
 def _sweep_epilogue(outcome) -> None:
+    from rich.markup import escape
+
     plan = outcome.plan
     for job in plan.jobs.values():
         if job.run_id in outcome.failed:
@@ -249,19 +286,19 @@ def _sweep_epilogue(outcome) -> None:
     if unfinished:
         _print_jobs(unfinished, title=f"sweep {plan.sweep_id}: runs not done")
     for run_id, error in outcome.failed.items():
-        err_console.print(f"[red]failed[/] {run_id} ({plan.jobs[run_id].label}): {error}", highlight=False, soft_wrap=True)
+        _say(f"[red]failed[/] {run_id} ({plan.jobs[run_id].label}): {escape(error)}")
     for run_id, reason in outcome.blocked.items():
-        err_console.print(f"[red]not started[/] {run_id} ({plan.jobs[run_id].label}): {reason}", highlight=False, soft_wrap=True)
+        _say(f"[red]not started[/] {run_id} ({plan.jobs[run_id].label}): {escape(reason)}")
     done = sum(j.status == "done" for j in plan.jobs.values())
-    err_console.print(f"{done}/{len(plan.jobs)} run(s) done; Ray's files: {plan.sweep_dir}", highlight=False, soft_wrap=True)
+    _say(f"{done}/{len(plan.jobs)} run(s) done; Ray's files: {plan.sweep_dir}")
     if outcome.failed or outcome.blocked:
-        err_console.print("Fix the cause and run the same command again: finished runs are kept.", soft_wrap=True)
+        _say("Fix the cause and run the same command again: finished runs are kept.")
         sys.exit(1)
     if outcome.interrupted:
-        err_console.print("Interrupted: run the same command again to resume the unfinished runs.", soft_wrap=True)
+        _say("Interrupted: run the same command again to resume the unfinished runs.")
         sys.exit(130)
     if unfinished:
-        err_console.print("Stopped by --stop-after-epochs: run the same command to continue.", soft_wrap=True)
+        _say("Stopped by --stop-after-epochs: run the same command to continue.")
 
 
 @main.command(name="list")
@@ -300,7 +337,7 @@ def info(dataset, rho, sets, data_root, as_json) -> None:
         click.echo(json.dumps(summary, indent=2))
         return
     for key, value in summary.items():
-        console.print(f"[bold]{key}[/]: {value}", highlight=False, soft_wrap=True)
+        console.print(f"[bold]{key}[/]: {value}")
 
 
 @data.command()

@@ -48,6 +48,7 @@ class Runtime:
     save_logits: bool = False
     stop_after_epochs: int | None = None  # leave the run resumable after this many epochs (time-boxed jobs)
     download: bool = False
+    augment_on: str = "auto"  # auto (device for in-memory data on a GPU) | device | cpu
     echo: Any = field(default=print, repr=False)
 
     def torch_device(self) -> torch.device:
@@ -107,6 +108,7 @@ class Trainer:
         self.sam = SAM(self.method.trainable()) if (hp.sam_rho > 0 or hp.sam_rho_steps) else None
         self.ema = self._build_ema()
         self.start_epoch, self.best, self.train_time, self.train_images = 0, None, 0.0, 0
+        self.device_inputs = self._device_inputs()
 
     # --- construction ------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -140,6 +142,44 @@ class Trainer:
         from timm.utils import ModelEmaV3
 
         return ModelEmaV3(self.method.trainable(), decay=self.hp.ema_decay)
+
+    def _device_inputs(self):
+        """uint8 train images on the device plus the device recipe, when augmentation can run there."""
+        from ltbench.data import InMemorySplit
+        from ltbench.gpu_augment import AugRecipe
+
+        mode = self.runtime.augment_on
+        if mode not in {"auto", "device", "cpu"}:
+            raise UserError(f"--augment-on must be auto, device or cpu, not {mode!r}.")
+        wanted = mode == "device" or (mode == "auto" and self.device.type == "cuda")
+        if not wanted or not isinstance(self.data.train, InMemorySplit):
+            return None
+        recipe = AugRecipe.from_transform(self.method.train_transform())
+        if recipe is None:
+            if mode == "device":
+                raise UserError(f"{self.config.method}'s training transform has no device equivalent; "
+                                f"use --augment-on cpu.")
+            return None
+        images = torch.from_numpy(self.data.train.images).to(self.device)
+        labels = torch.from_numpy(self.data.train.labels).to(self.device)
+        return images, labels, recipe
+
+    def _train_batches(self, epoch: int):
+        """This epoch's micro-batches: augmented on the device for in-memory data, else by loader workers."""
+        seed = seed_hash(self.config.seed, "data", epoch)
+        drop_last = getattr(self.hp, "drop_last", False)
+        if self.device_inputs is not None:
+            from ltbench.gpu_augment import DeviceBatches
+
+            images, labels, recipe = self.device_inputs
+            return DeviceBatches(images, labels, recipe, self.hp.batch_size, seed=seed, drop_last=drop_last,
+                                 repeated_aug=self.hp.repeated_aug, micro_batch=self.micro, rank=self.dist.rank,
+                                 world=self.dist.world)
+        return augment.train_loader(
+            self.data.train, self.method.train_transform(), self.hp.batch_size, self.micro, seed=seed,
+            workers=self._workers(), drop_last=drop_last, repeated_aug=self.hp.repeated_aug,
+            pin_memory=self.device.type == "cuda", rank=self.dist.rank, world=self.dist.world,
+        )
 
     def _steps_per_epoch(self) -> int:
         n = len(self.data.train)
@@ -202,12 +242,7 @@ class Trainer:
         self.method.on_epoch_start(epoch)
         if not self.hp.sched_per_step:
             self.scheduler.step(epoch)
-        loader = augment.train_loader(
-            self.data.train, self.method.train_transform(), self.hp.batch_size, self.micro,
-            seed=seed_hash(self.config.seed, "data", epoch), workers=self._workers(),
-            drop_last=getattr(self.hp, "drop_last", False), repeated_aug=self.hp.repeated_aug,
-            pin_memory=self.device.type == "cuda", rank=self.dist.rank, world=self.dist.world,
-        )
+        loader = self._train_batches(epoch)
         self.method.trainable().train()
         sums: dict[str, torch.Tensor] = {}
         images, start = 0, time.perf_counter()
@@ -322,6 +357,7 @@ class Trainer:
             "images_per_s": self.train_images / max(self.train_time, 1e-9),
             "parameters": count_parameters(model),
             "device": str(self.device),
+            "input_pipeline": "device" if self.device_inputs is not None else "cpu-workers",
             "upstream": {role: {"run_id": up.record.run_id, "method": up.config.method,
                                 "top1": up.record.result()["final"]["heads"]["main"]["top1"]}
                          for role, up in self.method.upstream.items()},

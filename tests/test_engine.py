@@ -71,3 +71,15 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     accum = stages.ensure(config, _runtime(tmp_path / "accum", micro_batch=8))
     sa, sb = one.load_checkpoint()["modules"]["model"], accum.load_checkpoint()["modules"]["model"]
     assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-5
+
+
+def test_device_input_pipeline_runs_and_resumes_identically(tmp_path):
+    """In-memory data augmented as batched tensor ops (the GPU path), exercised on the CPU."""
+    config = stages.make_config("erm_vit", "synthetic", preset="tiny", epochs=2,
+                                sets=["workers=0", "data.n_max=40", "data.n_test=4", "data.num_classes=4",
+                                      "batch_size=16"])
+    full = stages.ensure(config, _runtime(tmp_path / "a", augment_on="device"))
+    assert full.result()["input_pipeline"] == "device"
+    stages.ensure(config, _runtime(tmp_path / "b", augment_on="device", stop_after_epochs=1))
+    resumed = stages.ensure(config, _runtime(tmp_path / "b", augment_on="device"))
+    assert full.result()["final"]["heads"] == resumed.result()["final"]["heads"]
