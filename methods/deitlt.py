@@ -56,7 +56,7 @@ def _with_drw(presets: dict, drw: dict[str, dict[str, int]]) -> dict:
 # (E, K) = (1200, 1100) CIFAR, (1400, 1200) ImageNet-LT, (1000, 900) iNat: the last ~100-200 epochs re-weight.
 DEITLT_PRESETS = _with_drw(VIT_PRESETS, {
     "paper": {"*": {"drw_epoch": 1100}, "imagenetlt": {"drw_epoch": 1200}, "inat2018": {"drw_epoch": 900}},
-    "short": {"*": {"drw_epoch": 90}},
+    "short": {"*": {"drw_epoch": 50}},
     "tiny": {"*": {"drw_epoch": 8}},
 })
 
