@@ -115,7 +115,10 @@ class Trainer:
         from timm.optim import create_optimizer_v2
 
         hp = self.hp
-        kwargs: dict[str, Any] = {"momentum": hp.momentum} if hp.optimizer == "sgd" else {}
+        # timm's "sgd" is Nesterov SGD; the CNN recipes (LDAM-DRW, PaCo, Saddle) use classical momentum
+        kwargs: dict[str, Any] = {}
+        if hp.optimizer == "sgd":
+            kwargs = {"momentum": hp.momentum, "nesterov": getattr(hp, "nesterov", False)}
         if self.device.type == "cuda" and hp.optimizer == "adamw":
             kwargs["fused"] = True
         return create_optimizer_v2(self.method.trainable(), opt=hp.optimizer, lr=hp.effective_lr(),
