@@ -287,6 +287,7 @@ def _sweep_epilogue(outcome) -> None:
         _print_jobs(unfinished, title=f"sweep {plan.sweep_id}: runs not done")
     for run_id, error in outcome.failed.items():
         _say(f"[red]failed[/] {run_id} ({plan.jobs[run_id].label}): {escape(error)}")
+        _say(f"  traceback: {outcome.tracebacks.get(run_id, 'see Ray logs')}", style="dim")
     for run_id, reason in outcome.blocked.items():
         _say(f"[red]not started[/] {run_id} ({plan.jobs[run_id].label}): {escape(reason)}")
     done = sum(j.status == "done" for j in plan.jobs.values())

@@ -13,12 +13,13 @@ by run id); ltbench's records stay in ``<results>/runs/``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -391,6 +392,7 @@ def _report(metrics: dict[str, Any]) -> None:
 class SweepOutcome:
     plan: SweepPlan
     failed: dict[str, str] = field(default_factory=dict)  # run id -> error message
+    tracebacks: dict[str, str] = field(default_factory=dict)  # run id -> Ray's error.txt of the last attempt
     blocked: dict[str, str] = field(default_factory=dict)  # run id -> why it did not start
     interrupted: bool = False
     trained: list[str] = field(default_factory=list)  # run ids this call ran as trials
@@ -519,11 +521,30 @@ def _run_wave(plan: SweepPlan, wave: int, jobs: list[Job], fields: dict[str, Any
             log_to_file=True, callbacks=[_ray_callback(observer)],
         ),
     )
-    grid = tuner.fit()
+    with _quiet_tune_errors():  # failures are reported once, by run, at the end
+        grid = tuner.fit()
     outcome.trained += [j.run_id for j in jobs]
     for result in grid:
         if result.error is not None:
-            outcome.failed[result.config["run_id"]] = error_summary(result.error)
+            run_id = result.config["run_id"]
+            outcome.failed[run_id] = error_summary(result.error)
+            outcome.tracebacks[run_id] = str(Path(result.path) / "error.txt")
+
+
+@contextlib.contextmanager
+def _quiet_tune_errors() -> Iterator[None]:
+    import logging
+
+    names = ("ray.tune.execution.tune_controller", "ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _trial_name(trial: Any) -> str:
@@ -601,7 +622,8 @@ def _write_status(plan: SweepPlan, outcome: SweepOutcome) -> None:
     atomic_write_json(plan.sweep_dir / "status.json", {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "interrupted": outcome.interrupted,
         "runs": {j.run_id: {"label": j.label, "status": j.status, "epochs": f"{j.epochs_done}/{j.epochs}",
-                            "error": outcome.failed.get(j.run_id), "blocked": outcome.blocked.get(j.run_id)}
+                            "error": outcome.failed.get(j.run_id), "traceback": outcome.tracebacks.get(j.run_id),
+                            "blocked": outcome.blocked.get(j.run_id)}
                  for j in plan.jobs.values()},
     })
 
@@ -664,7 +686,7 @@ class LiveView(SweepObserver):
             return
         done = sum(j.status == "done" for j in self.plan.jobs.values())
         self.console.print(f"[{done}/{len(self.plan.jobs)} done, ETA {self.eta()}] {run_id} "
-                           f"({self.plan.jobs[run_id].label}): {what}", highlight=False, soft_wrap=True)
+                           f"({self.plan.jobs[run_id].label}): {what}", highlight=False, soft_wrap=True, markup=False)
 
     def tick(self, force: bool = False) -> None:
         if self.live and (force or time.time() - self.last_draw >= self.refresh_s):
