@@ -1,0 +1,94 @@
+"""``ldam_drw``: LDAM loss with deferred re-weighting (Cao et al., NeurIPS 2019); with SAM, the flat teacher.
+
+The network ends in a cosine ("normed") classifier. Training subtracts the class margin
+max_m * (n_min / n_j)^(1/4) from the true-class cosine only, scales every logit by s = 30 and takes
+cross-entropy; inference uses the raw cosines (no margin, no scale). From the 0-based epoch
+``drw_epoch`` on, the cross-entropy is weighted per class by the effective number (beta 0.9999,
+weights normalised to sum to C) with PyTorch's weighted-mean semantics (baselines.md §4.1-4.2).
+
+Recipes: CIFAR (§4.3) = erm_cnn's schedule, max_m 0.5, DRW from epoch 160; ImageNet-LT / iNat (§4.4,
+Saddle-LongTail) = ResNet-50, 90 epochs, cosine, max_m 0.3, DRW from epoch 60.
+The ``sam`` preset is the LDAM-DRW+SAM teacher recipe of Saddle-LongTail and DeiT-LT (§6.2): a constant
+radius 0.8 on CIFAR for all 200 epochs; on ImageNet-LT / iNat the step schedule 0.05 / 0.1 / 0.5 / 0.5
+starting at 0-based epochs 0 / 5 / 60 / 75. Both SAM passes see the same margins and DRW weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from ltbench.methods.erm_cnn import (
+    ERMCNN,
+    LARGE_DATASETS,
+    SADDLE_LARGE,
+    SHORT_CIFAR,
+    SHORT_LARGE,
+    TINY,
+    CNNHparams,
+    layered,
+)
+
+from ltbench.config import _check
+from ltbench.losses import effective_number_weights, ldam_loss, ldam_margins
+
+
+@dataclass
+class LDAMHparams(CNNHparams):
+    classifier: str = "normed"
+    max_m: float = 0.5  # margin of the rarest class
+    scale: float = 30.0  # s, the logit scale
+    drw_epoch: int = 160  # 0-based epoch from which the effective-number weights apply
+    drw_beta: float = 0.9999
+
+    def validate(self) -> None:
+        super().validate()
+        _check(self.classifier == "normed", "ldam_drw needs classifier=normed (LDAM's margins are on cosine logits)")
+        _check(self.max_m >= 0, "max_m must be >= 0")
+        _check(self.scale > 0, "scale must be > 0")
+        _check(self.drw_epoch >= 0, "drw_epoch must be >= 0 (set it >= epochs to switch DRW off)")
+        _check(0 <= self.drw_beta < 1, "drw_beta must be in [0, 1)")
+
+
+_LDAM_LARGE = {name: {"max_m": 0.3, "drw_epoch": 60} for name in LARGE_DATASETS}
+LDAM_PAPER = layered({"*": {"workers": 8}}, SADDLE_LARGE, _LDAM_LARGE)
+LDAM_SAM = {"*": {"sam_rho": 0.8},
+            **{name: {"sam_rho": 0.0, "sam_rho_steps": [0.05, 0.1, 0.5, 0.5], "sam_rho_epochs": [5, 60, 75]}
+               for name in LARGE_DATASETS}}
+# The quarter-length versions keep the shape: DRW at 40 of 50 (CIFAR) and 16 of 24 (large), SAM steps scaled alike.
+_LDAM_SHORT = {"*": {"drw_epoch": 40}, **{name: {"drw_epoch": 16} for name in LARGE_DATASETS}}
+_LDAM_SHORT_SAM = {name: {"sam_rho_epochs": [1, 16, 20]} for name in LARGE_DATASETS}
+LDAM_SHORT = layered({"*": SHORT_CIFAR}, SADDLE_LARGE, _LDAM_LARGE, SHORT_LARGE, _LDAM_SHORT)
+
+
+class LDAMDRW(ERMCNN):
+    """LDAM margins on a cosine classifier, deferred re-weighting by effective number (CIFAR: from epoch 160)."""
+
+    Hparams = LDAMHparams
+    presets = {
+        "paper": LDAM_PAPER,
+        "sam": layered(LDAM_PAPER, LDAM_SAM),
+        "short": LDAM_SHORT,
+        "short_sam": layered(LDAM_SHORT, LDAM_SAM, _LDAM_SHORT_SAM),
+        "tiny": layered(TINY, {"*": {"drw_epoch": 1}}),
+    }
+    teacher_logits = "cosine similarities of the pooled feature to the class vectors (no margin, no scale)"
+
+    def __init__(self, hp: LDAMHparams, info, device, upstream) -> None:
+        super().__init__(hp, info, device, upstream)
+        self.margins = ldam_margins(info.train_counts, hp.max_m).to(device)
+        self.class_weights = self.drw_weights(0)
+
+    def drw_weights(self, epoch: int) -> torch.Tensor:
+        """All ones before ``drw_epoch``, the effective-number weights from it on."""
+        beta = self.hp.drw_beta if epoch >= self.hp.drw_epoch else 0.0
+        return effective_number_weights(self.info.train_counts, beta).to(self.device)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        super().on_epoch_start(epoch)
+        self.class_weights = self.drw_weights(epoch)
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = batch
+        cosine = self.model(x).float()
+        return ldam_loss(cosine, y, self.margins, self.hp.scale, self.class_weights), {}
