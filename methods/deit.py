@@ -58,8 +58,8 @@ def teacher_config(student: RunConfig, teacher: str, preset: str, overrides: tup
     from ltbench import stages
     from ltbench.registry import METHODS
 
-    method, overrides = TEACHERS[teacher]
-    layer = {**overrides.get("*", {}), **overrides.get(student.dataset, {})}
+    method, per_dataset = TEACHERS[teacher]
+    layer = {**per_dataset.get("*", {}), **per_dataset.get(student.dataset, {})}
     data = {k: v for k, v in student.data.items() if k != "sort_by_frequency"}
     if preset not in METHODS.get(method).presets:
         raise UserError(f"The teacher method {method!r} has no preset {preset!r}; set teacher_preset=NAME.")
