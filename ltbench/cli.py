@@ -290,6 +290,8 @@ def _sweep_epilogue(outcome) -> None:
         _say(f"  traceback: {outcome.tracebacks.get(run_id, 'see Ray logs')}", style="dim")
     for run_id, reason in outcome.blocked.items():
         _say(f"[red]not started[/] {run_id} ({plan.jobs[run_id].label}): {escape(reason)}")
+    for run_id, reason in outcome.waiting.items():
+        _say(f"waiting {run_id} ({plan.jobs[run_id].label}): {escape(reason)}")
     done = sum(j.status == "done" for j in plan.jobs.values())
     _say(f"{done}/{len(plan.jobs)} run(s) done; Ray's files: {plan.sweep_dir}")
     if outcome.failed or outcome.blocked:

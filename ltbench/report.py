@@ -450,17 +450,19 @@ def _bold_best(rows: list[tuple[str, list[Cell], str]], metrics: list[str], digi
                    if not cells[j].missing and cells[j].text != "n/a"]
         if len(numbers) < 2:
             continue
-        best = (min if metric in LOWER_IS_BETTER else max)(v for v, _ in numbers)
+        best = round((min if metric in LOWER_IS_BETTER else max)(v for v, _ in numbers), digits)
+        if all(round(value, digits) == best for value, _ in numbers):
+            continue  # a column of ties has no best
         for value, cell in numbers:
-            cell.bold = round(value, digits) == round(best, digits)
+            cell.bold = round(value, digits) == best
 
 
 def _caption(options: ReportOptions, usual_n: int, cells: pd.DataFrame) -> str:
     spread = "standard deviation" if options.spread == "std" else "standard error"
     marked = " unless marked (n=k)" if (cells["n"] != usual_n).any() else ""
     metric_text = "Accuracy (%)" if set(options.metrics) - {"ece"} else "Expected calibration error (%)"
-    text = (f"{metric_text} on the balanced test set at {SELECT_TEXT[options.select]}: mean ± {spread} over "
-            f"{usual_n} seed{'s' if usual_n != 1 else ''}{marked}. ")
+    over = f"mean ± {spread} over {usual_n} seeds{marked}" if usual_n > 1 else f"one seed{marked} (no spread)"
+    text = f"{metric_text} on the balanced test set at {SELECT_TEXT[options.select]}: {over}. "
     if set(options.metrics) & {"many", "medium", "few"}:
         text += SPLIT_TEXT[options.split] + ". "
     if "ece" in options.metrics:

@@ -393,13 +393,9 @@ class SweepOutcome:
     plan: SweepPlan
     failed: dict[str, str] = field(default_factory=dict)  # run id -> error message
     tracebacks: dict[str, str] = field(default_factory=dict)  # run id -> Ray's error.txt of the last attempt
-    blocked: dict[str, str] = field(default_factory=dict)  # run id -> why it did not start
+    blocked: dict[str, str] = field(default_factory=dict)  # run id -> the failed upstream run it needs
+    waiting: dict[str, str] = field(default_factory=dict)  # run id -> the time-boxed upstream run it needs
     interrupted: bool = False
-    trained: list[str] = field(default_factory=list)  # run ids this call ran as trials
-
-    @property
-    def complete(self) -> bool:
-        return all(j.status == "done" for j in self.plan.jobs.values())
 
 
 class SweepObserver:
@@ -464,13 +460,14 @@ def _download_datasets(plan: SweepPlan, data_root: Path) -> None:
 
 
 def _block(job: Job, plan: SweepPlan, outcome: SweepOutcome) -> bool:
+    """True when an upstream run is not done: failed (an error) or time-boxed (``--stop-after-epochs``)."""
     missing = [u for u in job.needs if plan.jobs[u].status != "done"]
-    if not missing:
-        return False
     failed = [u for u in missing if u in outcome.failed or u in outcome.blocked]
-    reason = f"upstream run {', '.join(failed)} failed" if failed else f"upstream run {', '.join(missing)} not done"
-    outcome.blocked[job.run_id] = reason
-    return True
+    if failed:
+        outcome.blocked[job.run_id] = f"upstream run {', '.join(failed)} failed"
+    elif missing:
+        outcome.waiting[job.run_id] = f"upstream run {', '.join(missing)} not finished yet"
+    return bool(missing)
 
 
 def _start_ray(resources: Resources) -> bool:
@@ -523,7 +520,6 @@ def _run_wave(plan: SweepPlan, wave: int, jobs: list[Job], fields: dict[str, Any
     )
     with _quiet_tune_errors():  # failures are reported once, by run, at the end
         grid = tuner.fit()
-    outcome.trained += [j.run_id for j in jobs]
     for result in grid:
         if result.error is not None:
             run_id = result.config["run_id"]
@@ -623,7 +619,7 @@ def _write_status(plan: SweepPlan, outcome: SweepOutcome) -> None:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "interrupted": outcome.interrupted,
         "runs": {j.run_id: {"label": j.label, "status": j.status, "epochs": f"{j.epochs_done}/{j.epochs}",
                             "error": outcome.failed.get(j.run_id), "traceback": outcome.tracebacks.get(j.run_id),
-                            "blocked": outcome.blocked.get(j.run_id)}
+                            "blocked": outcome.blocked.get(j.run_id), "waiting": outcome.waiting.get(j.run_id)}
                  for j in plan.jobs.values()},
     })
 
@@ -649,6 +645,7 @@ class LiveView(SweepObserver):
         self.start_epochs = {j.run_id: j.epochs_done for j in plan.jobs.values()}
         self.started_at: float | None = None
         self.last_draw = 0.0
+        self.wave_text = ""
         # In a log file (no terminal) a redrawn panel is noise: print one line per event instead.
         self.live = Live(self.render(), console=console, refresh_per_second=4) if console.is_terminal else None
 
@@ -679,6 +676,16 @@ class LiveView(SweepObserver):
         if error is not None:
             self.failed[run_id] = error
         self._event("failed: " + error if error else self.plan.jobs[run_id].status, run_id)
+
+    def wave_started(self, wave: int, jobs: list[Job], resources: Mapping[str, float]) -> None:
+        upstream = sum(not j.requested for j in jobs)
+        what = f" ({upstream} upstream)" if upstream else ""
+        self.wave_text = (f"wave {wave}: {len(jobs)} run(s){what}, each on {_num(resources['cpu'])} CPU(s) and "
+                          f"{_num(resources['gpu'])} GPU(s)")
+        if self.live:
+            self.tick(force=True)
+        else:
+            self.console.print(self.wave_text, highlight=False, soft_wrap=True, markup=False)
 
     def _event(self, what: str, run_id: str) -> None:
         if self.live:
@@ -725,7 +732,7 @@ class LiveView(SweepObserver):
             job = self.plan.jobs[run_id]
             table.add_row(run_id, job.label, f"{job.epochs_done}/{job.epochs}", _duration(time.time() - since),
                           str(self.retries.get(run_id, "")))
-        parts: list[Any] = [head] + ([table] if self.running else [])
+        parts: list[Any] = [head, Text(self.wave_text, style="dim")] + ([table] if self.running else [])
         parts += [Text(f"failed {run_id} ({self.plan.jobs[run_id].label}): {error}", style="red")
                   for run_id, error in sorted(self.failed.items())[-5:]]
         return Group(*parts)

@@ -134,6 +134,19 @@ def test_a_shared_teacher_is_one_job_in_an_earlier_wave(students, tmp_path):
     assert len(plan.jobs) == 2 and (len(erm) == 1 and erm[0].requested and erm[0].needed_by)
 
 
+def test_students_of_a_failed_teacher_are_reported_not_started(students, tmp_path):
+    grid = sw.build_grid(None, methods="student_a,student_b", datasets="synthetic", rho="5", seeds="0",
+                         preset="tiny", sets=["workers=0"])
+    plan = sw.plan_sweep(grid, tmp_path)
+    teacher, *kids = plan.jobs.values()
+    outcome = sw.SweepOutcome(plan, failed={teacher.run_id: "RuntimeError: boom"})
+    assert all(sw._block(kid, plan, outcome) for kid in kids)
+    assert set(outcome.blocked) == {k.run_id for k in kids} and teacher.run_id in next(iter(outcome.blocked.values()))
+    time_boxed = sw.SweepOutcome(plan)  # the teacher only stopped early (--stop-after-epochs): not an error
+    assert all(sw._block(kid, plan, time_boxed) for kid in kids)
+    assert not time_boxed.blocked and len(time_boxed.waiting) == 2
+
+
 # ----------------------------------------------------------------------------------------------
 # Resources and errors
 
