@@ -21,7 +21,10 @@ Mixup/CutMix are batch-level and stay in the methods (timm's ``Mixup`` works on 
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -42,6 +45,7 @@ RAND_INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posteriz
                        "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
                        "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 LEVEL_DENOM = 10.0  # timm's magnitude scale: M10 = the strongest level
+CHUNK_PIXELS = 4096 * 32 * 32  # output pixels augmented per batch of ops (bounds the device memory it takes)
 
 
 @dataclass(frozen=True)
@@ -257,9 +261,25 @@ class DeviceBatches:
         # every rank draws the same order; augmentation randomness differs per rank
         order = self.order(torch.Generator(device=self.device).manual_seed(self.seed))
         generator = torch.Generator(device=self.device).manual_seed((self.seed * 0x9E3779B1 + self.rank + 1) % 2**62)
+        for chunk in self._chunks():
+            index = order[chunk[0][0]:chunk[-1][1]]
+            x, y = augment_batch(self.images[index], self.recipe, generator), self.labels[index]
+            offset = chunk[0][0]
+            for start, stop in chunk:
+                yield x[start - offset:stop - offset], y[start - offset:stop - offset]
+
+    def _chunks(self) -> list[list[tuple[int, int]]]:
+        """Consecutive micro-batches augmented together: small images cost kernel launches, not bandwidth, so
+        up to ``CHUNK_PIXELS`` output pixels go through each op at once (one micro-batch at 224 px)."""
+        budget = max(1, CHUNK_PIXELS // self.recipe.out_size ** 2)
+        chunks: list[list[tuple[int, int]]] = []
         for start, stop in self.slices:
-            index = order[start:stop]
-            yield augment_batch(self.images[index], self.recipe, generator), self.labels[index]
+            last = chunks[-1] if chunks else None
+            if last and last[-1][1] == start and stop - last[0][0] <= budget:
+                last.append((start, stop))
+            else:
+                chunks.append([(start, stop)])
+        return chunks
 
 
 def augment_batch(images_uint8_nhwc: torch.Tensor, recipe: AugRecipe, generator: torch.Generator) -> torch.Tensor:
@@ -306,6 +326,19 @@ class _Random:
         return torch.randn(*shape, generator=self.generator, device=self.device, dtype=dtype) * std + mean
 
 
+def constant(values: Sequence[float], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant on the device, made once: ``torch.tensor(list, device=cuda)`` copies from pageable
+    host memory, which blocks the host on every batch."""
+    if torch.compiler.is_compiling():  # a compiled graph bakes the constant in; no cache needed
+        return torch.tensor(list(values), dtype=dtype, device=device)
+    return _constant(tuple(float(v) for v in values), torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device)
+
+
 def exact_div(numerator: torch.Tensor | float, denominator: torch.Tensor | float) -> torch.Tensor:
     """IEEE division as Python does it: torch turns division by a scalar into a multiplication by its
     reciprocal, which moves some quotients by one ulp and then flips a truncation (int(level / 10 * 256))."""
@@ -318,8 +351,8 @@ def exact_div(numerator: torch.Tensor | float, denominator: torch.Tensor | float
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``ToTensor`` then ``Normalize`` on 0..255 values."""
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    m = constant(mean, x.device, x.dtype).view(1, -1, 1, 1)
+    s = constant(std, x.device, x.dtype).view(1, -1, 1, 1)
     return (x / 255.0 - m) / s
 
 
@@ -449,7 +482,7 @@ def warp(x: torch.Tensor, coeffs: torch.Tensor, fill: Sequence[int], mode: str) 
         for col, wx in cols:
             taps = flat.gather(2, (row + col).view(n, 1, -1).expand(n, c, -1)).view_as(x)
             out.addcmul_(taps, (wy * wx).unsqueeze(1))
-    fill_t = torch.tensor(fill, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    fill_t = constant(fill, x.device, x.dtype).view(1, -1, 1, 1)
     return torch.where(inside, _truncate_u8(out), fill_t)
 
 
@@ -656,8 +689,31 @@ def rand_augment(x: torch.Tensor, recipe: AugRecipe, rng: _Random) -> torch.Tens
     for _ in range(recipe.rand_layers):
         choice = rng.integers(torch.full((n,), float(len(ops)), device=x.device)).long()
         choice = torch.where(rng.bernoulli(recipe.rand_prob, (n,)), choice, -1)  # -1: the layer is skipped
-        x = _rand_layer(x, choice, _sample_magnitude(recipe, n, rng), _sample_sign(n, rng), recipe)
+        x = _apply_layer(x, choice, _sample_magnitude(recipe, n, rng), _sample_sign(n, rng), recipe)
     return x
+
+
+_COMPILED_LAYER: list[Callable | None] = []
+
+
+def _apply_layer(x: torch.Tensor, choice: torch.Tensor, magnitude: torch.Tensor, sign: torch.Tensor,
+                 recipe: AugRecipe) -> torch.Tensor:
+    """One RandAugment layer. With LTBENCH_COMPILE_AUGMENT=1 it is compiled on CUDA (once per process, about
+    90 s on an H200), fusing the few hundred full-image passes that bound the eager version's speed at 224 px;
+    a failing compile falls back to the eager ops, which are the reference, with a warning."""
+    if x.device.type != "cuda" or os.environ.get("LTBENCH_COMPILE_AUGMENT", "0") != "1":
+        return _rand_layer(x, choice, magnitude, sign, recipe)
+    if not _COMPILED_LAYER:
+        _COMPILED_LAYER.append(torch.compile(_rand_layer, dynamic=True))
+    compiled = _COMPILED_LAYER[0]
+    if compiled is not None:
+        try:
+            return compiled(x, choice, magnitude, sign, recipe)
+        except Exception as exc:  # any compiler failure: the eager ops are the reference
+            warnings.warn(f"compiled device augmentation failed ({type(exc).__name__}: {exc}); running eagerly",
+                          stacklevel=2)
+            _COMPILED_LAYER[0] = None
+    return _rand_layer(x, choice, magnitude, sign, recipe)
 
 
 def _sample_magnitude(recipe: AugRecipe, n: int, rng: _Random) -> torch.Tensor:
@@ -680,7 +736,7 @@ def _rand_layer(x: torch.Tensor, choice: torch.Tensor, magnitude: torch.Tensor, 
     args = _op_args(x, magnitude, sign, recipe)
     n = x.shape[0]
     lut = torch.arange(256, dtype=torch.float32, device=x.device).expand(n, x.shape[1], 256)
-    coeffs = torch.tensor(IDENTITY_AFFINE, dtype=torch.float64, device=x.device).expand(n, 6)
+    coeffs = constant(IDENTITY_AFFINE, x.device, torch.float64).expand(n, 6)
     pixel_out, pixel_mask = x, torch.zeros(n, dtype=torch.bool, device=x.device)
     geometric = torch.zeros(n, dtype=torch.bool, device=x.device)
     for index, name in enumerate(recipe.rand_ops):
