@@ -173,6 +173,7 @@ def sweep(grid_file, methods, datasets, rho, seeds, preset, epochs, sets, save_l
     The grid comes from the options or from GRID_FILE (YAML with keys methods, datasets, rho, seeds, preset,
     epochs, set); options given on the command line override the file's. Every run is an ordinary
     `ltbench run`: finished runs are skipped, interrupted ones resume, teachers train once before students.
+    `--set METHOD:KEY=VALUE` applies to one method of the grid only.
     """
     from ltbench import sweep as sw
 
