@@ -189,6 +189,7 @@ def _count_flops(trainer: Trainer, fixed: list, size: int) -> int:
 def _report(config: RunConfig, hp, trainer: Trainer, end_to_end: dict[str, float], model_only: dict[str, float],
             flops: int, peak_gib: float | None, stand_ins: list[str], steps: int, warmup: int) -> dict[str, Any]:
     device = trainer.device
+    on_device = getattr(trainer, "device_inputs", None) is not None
     per_step_images = model_only["images"] / steps
     e2e_ips = end_to_end["images"] / end_to_end["wall_s"]
     model_ips = model_only["images"] / model_only["wall_s"]
@@ -202,8 +203,8 @@ def _report(config: RunConfig, hp, trainer: Trainer, end_to_end: dict[str, float
         "run_id": config.run_id,
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "input_path": "device" if getattr(trainer, "device_inputs", None) is not None else "loader",
-        "workers": trainer._workers(),
+        "input_path": "device" if on_device else "loader",
+        "workers": None if on_device else trainer._workers(),
         "global_batch": hp.batch_size,
         "micro_batch": trainer.micro,
         "precision": str(trainer.amp).removeprefix("torch.") if trainer.amp else "float32",
@@ -233,12 +234,13 @@ def format_report(report: dict[str, Any]) -> list[tuple[str, str]]:
     def num(value: float | None, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
 
+    workers = "" if report["workers"] is None else f" ({report['workers']} workers)"
     return [
         ("setup", f"{report['method']} on {report['dataset']}, preset {report['preset']}, {report['device']}"
                   f"{' (' + report['gpu'] + ')' if report['gpu'] else ''}, {report['precision']}"),
         ("batch", f"global {report['global_batch']}, micro {report['micro_batch']}, input path "
-                  f"{report['input_path']} (workers {report['workers']}), {report['steps']} timed steps after "
-                  f"{report['warmup_steps']} warm-up"),
+                  f"{report['input_path']}{workers}, "
+                  f"{report['steps']} timed steps after {report['warmup_steps']} warm-up"),
         ("img/s end to end", num(report["images_per_s_end_to_end"], ",.1f")),
         ("img/s model only", num(report["images_per_s_model_only"], ",.1f")),
         ("end to end / model only", num(report["end_to_end_over_model_only"], ".3f")),
@@ -248,8 +250,15 @@ def format_report(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("TFLOP/s model only", num(report["tflops_model_only"], ".3f")),
         ("peak GPU memory", num(report["peak_gpu_memory_gib"], ".2f") + (" GiB" if report["peak_gpu_memory_gib"]
                                                                          is not None else "")),
-        ("projected training time", f"{num(report['projected_train_hours'], ',.2f')} h for {report['epochs']} "
-                                    f"epochs x {report['steps_per_epoch']} steps (no evaluation)"),
+        ("projected training time", f"{_duration(report['projected_train_hours'])} for {report['epochs']} epochs x "
+                                    f"{report['steps_per_epoch']} steps (no evaluation)"),
         *([("note", f"random-weight stand-in for: {', '.join(report['stand_in_upstream'])}")]
           if report["stand_in_upstream"] else []),
     ]
+
+
+def _duration(hours: float) -> str:
+    if hours >= 1:
+        return f"{hours:,.2f} h"
+    minutes = hours * 60
+    return f"{minutes:.1f} min" if minutes >= 1 else f"{minutes * 60:.1f} s"
