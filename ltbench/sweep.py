@@ -369,12 +369,27 @@ def train_trial(params: dict[str, Any], configs: Mapping[str, dict], runtime: Ma
     if cpus > 0:
         torch.set_num_threads(cpus)
     config = RunConfig.from_dict(configs[params["run_id"]])
+    gpus = _trial_gpus()
+    if gpus > 1:  # Ray placed this trial on several GPUs: one process per GPU, as torchrun would
+        from ltbench.distributed import ensure_data_parallel
+
+        ensure_data_parallel(configs[params["run_id"]], dict(runtime), gpus)
     # The Trainer seeds every RNG from config.seed inside this process, as in `ltbench run`.
     record = stages.ensure(config, Runtime(**runtime, echo=print))
     metrics: dict[str, Any] = {"finished": record.done}  # not "done": Ray reserves that key
     if record.done:
         metrics["top1"] = record.result()["final"]["heads"]["main"]["top1"]
     _report(metrics)
+
+
+def _trial_gpus() -> int:
+    """How many whole GPUs Ray gave this trial (0 outside Ray)."""
+    try:
+        import ray
+
+        return len(ray.get_gpu_ids())
+    except Exception:  # not inside a Ray worker
+        return 0
 
 
 def _report(metrics: dict[str, Any]) -> None:
