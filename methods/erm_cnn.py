@@ -81,9 +81,9 @@ SADDLE_LARGE = {"imagenetlt": {**_LARGE, "lr": 0.2, "weight_decay": 2e-4},
 # GPU validation: a quarter of the epochs, same schedule shape (decays at 0-based 40 and 45 of 50; warm-up kept).
 SHORT_CIFAR = {"epochs": 50, "milestones": [41, 46], "eval_every": 5, "workers": 8}
 SHORT_LARGE = {name: {"epochs": 24} for name in LARGE_DATASETS}
-# CPU: two epochs of ResNet-32 at a constant lr 0.02 in batches of 32 (enough steps to learn `synthetic` in two
+# CPU: two epochs of ResNet-32 at a constant lr 0.02 in batches of 16 (enough steps to learn `synthetic` in two
 # epochs); the large datasets at 64 px with their own augmentation.
-TINY = {"*": {"epochs": 2, "batch_size": 32, "lr": 0.02, "warmup_epochs": 0, "warmup_lr": 0.0, "milestones": [],
+TINY = {"*": {"epochs": 2, "batch_size": 16, "lr": 0.02, "warmup_epochs": 0, "warmup_lr": 0.0, "milestones": [],
               "workers": 0},
         **{name: {"augment": "imagenet", "img_size": 64} for name in LARGE_DATASETS}}
 

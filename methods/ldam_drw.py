@@ -70,7 +70,7 @@ class LDAMDRW(ERMCNN):
         "sam": layered(LDAM_PAPER, LDAM_SAM),
         "short": LDAM_SHORT,
         "short_sam": layered(LDAM_SHORT, LDAM_SAM, _LDAM_SHORT_SAM),
-        "tiny": layered(TINY, {"*": {"drw_epoch": 1}}),
+        "tiny": layered(TINY, {"*": {"lr": 0.05, "drw_epoch": 1}}),  # LDAM's s = 30 loss needs a larger lr to move
     }
     teacher_logits = "cosine similarities of the pooled feature to the class vectors (no margin, no scale)"
 

@@ -87,9 +87,11 @@ PACO_PAPER = {"*": {"workers": 8}, "imagenetlt": {**_PACO_LARGE, "weight_decay":
               "inat2018": {**_PACO_LARGE, "weight_decay": 1e-4}}
 PACO_SAM = {"*": {"sam_rho": 0.1}, **{name: {"sam_rho": 0.05} for name in LARGE_DATASETS}}
 # A quarter of the epochs, same shape: decays at 0-based 80 and 90 of 100 (warm-up kept); cosine for the large ones.
-PACO_SHORT = layered(PACO_PAPER, {"*": {"epochs": 100, "milestones": [81, 91], "eval_every": 5},
+# Two augmented views per image on the CPU loader: more workers than the one-view methods.
+PACO_SHORT = layered(PACO_PAPER, {"*": {"epochs": 100, "milestones": [81, 91], "eval_every": 5, "workers": 12},
                                   **{name: {"epochs": 100, "milestones": []} for name in LARGE_DATASETS}})
-PACO_TINY = layered(TINY, {"*": {"moco_k": 256}, **{name: {"moco_dim": 32} for name in LARGE_DATASETS}})
+# CPU: a short queue, and Cutout 8 so that two epochs on 32 px `synthetic` (8 px template cells) learn something.
+PACO_TINY = layered(TINY, {"*": {"moco_k": 256, "cutout": 8}, **{name: {"moco_dim": 32} for name in LARGE_DATASETS}})
 
 
 class PaCoNet(nn.Module):

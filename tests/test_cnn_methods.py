@@ -1,0 +1,250 @@
+"""erm_cnn, ldam_drw and paco through the shared engine: they learn, resume exactly, rebuild as teachers from
+their run folder, follow the published schedules epoch by epoch, and resolve the published presets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ltbench import augment, stages
+from ltbench.engine import Runtime, Trainer
+from ltbench.losses import effective_number_weights
+from ltbench.records import run_record
+from ltbench.registry import EVALUATORS, METHODS
+
+CNN_METHODS = ("erm_cnn", "ldam_drw", "paco")
+
+
+def _runtime(path, **kw) -> Runtime:
+    return Runtime(results=path, data_root=path, device="cpu", progress=False, echo=lambda *_: None, **kw)
+
+
+@pytest.fixture(scope="module", params=CNN_METHODS)
+def trained(request, tmp_path_factory):
+    """A two-epoch tiny run on `synthetic` (10 classes, rho 10), test logits saved."""
+    base = tmp_path_factory.mktemp(request.param)
+    config = stages.make_config(request.param, "synthetic", preset="tiny")
+    return stages.ensure(config, _runtime(base / "run", save_logits=True)), base
+
+
+def test_two_tiny_epochs_beat_chance_clearly(trained):
+    record, _ = trained
+    result = record.result()
+    assert result["final"]["epoch"] == 1 and len(record.metrics()) == 2
+    # 10 classes: chance is 10 %. Seed 0 gives about 70 / 45 / 43 % (erm_cnn / ldam_drw / paco); two epochs of
+    # ~50 steps are noisy (other seeds: 70-91 / 31-59 / 36-70 %), hence the margin.
+    assert result["final"]["heads"]["main"]["top1"] > 25.0
+
+
+@pytest.mark.parametrize("method", CNN_METHODS)
+def test_resumed_run_equals_uninterrupted(method, tmp_path):
+    config = stages.make_config(method, "synthetic", preset="tiny",
+                                sets=["data.n_max=40", "data.n_test=3", "batch_size=16"])
+    full = stages.ensure(config, _runtime(tmp_path / "full"))
+    partial = stages.ensure(config, _runtime(tmp_path / "resumed", stop_after_epochs=1))
+    assert not partial.done and partial.load_checkpoint()["epoch"] == 1
+    resumed = stages.ensure(config, _runtime(tmp_path / "resumed"))
+    assert resumed.done
+    a, b = full.result(), resumed.result()
+    assert a["final"]["heads"] == b["final"]["heads"] and a["best"] == b["best"]
+    ckpt_a, ckpt_b = full.load_checkpoint(), resumed.load_checkpoint()
+    assert ckpt_a["modules"].keys() == ckpt_b["modules"].keys()
+    for name, state in ckpt_a["modules"].items():  # paco: the key encoder, its queue and pointer too
+        assert all(torch.equal(state[k], ckpt_b["modules"][name][k]) for k in state), name
+    assert [r["train"] for r in full.metrics()] == [r["train"] for r in resumed.metrics()]
+
+
+def test_run_folder_rebuilds_the_teacher_with_identical_logits(trained):
+    full, base = trained
+    spec = full.result()["teacher_spec"]
+    record_config = full.config()
+    data = stages.load_data(record_config, _runtime(base))
+    info = data.info
+    assert spec["arch"] == "resnet32" and spec["input_size"] == 32 and spec["num_classes"] == info.num_classes
+    assert spec["mean"] == list(info.mean) and spec["std"] == list(info.std) and spec["label_space"] == "dataset"
+    assert spec["class_names"] == list(info.class_names)
+    # what a generic loader does: method class from the registry, hyperparameters from config.json, checkpoint modules
+    method = METHODS.get(record_config.method)(stages.hparams_of(record_config), info, torch.device("cpu"), {})
+    modules = full.load_checkpoint()["modules"]
+    assert sorted(modules) == spec["modules"]
+    for name, module in method.state_modules().items():
+        module.load_state_dict(modules[name])
+        module.eval()
+    loader = augment.eval_loader(data.test, method.eval_transform(), 256, 0)
+    with torch.no_grad():
+        logits = torch.cat([method.predict(x)["main"] for x, _ in loader])
+    saved = np.load(full.path / "test_logits.npz")["main"]
+    np.testing.assert_allclose(logits.numpy(), saved, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules, read per epoch from a Trainer (what the engine builds from the presets)
+
+
+def _trainer(tmp_path, method: str, preset: str, dataset_preset: str | None = None, **overrides) -> Trainer:
+    """A Trainer on `synthetic` with ``method``'s ``preset`` resolved for ``dataset_preset`` (e.g. imagenetlt)."""
+    config = stages.make_config(method, "synthetic", preset="tiny")
+    hp = stages.resolve_hparams(METHODS.get(method), preset, dataset_preset or "synthetic", None,
+                                {"arch": "resnet32", "img_size": 32, "augment": "cifar", **overrides})
+    runtime = _runtime(tmp_path)
+    return Trainer(config, hp, METHODS.get(method), stages.load_data(config, runtime), EVALUATORS.get("longtail")(),
+                   run_record(tmp_path, config), runtime, {})
+
+
+def _lrs(trainer: Trainer) -> list[float]:
+    out = []
+    for epoch in range(trainer.hp.epochs):
+        trainer.scheduler.step(epoch)
+        out.append(trainer.optimizer.param_groups[0]["lr"])
+    return out
+
+
+def test_ldam_cifar_schedule_matches_the_reference_every_epoch(tmp_path):
+    def reference(epoch: int) -> float:  # LDAM-DRW cifar_train.py, with its 1-based epoch
+        e = epoch + 1
+        if e <= 5:
+            return 0.1 * e / 5
+        return 0.1 * (1e-4 if e > 180 else 1e-2 if e > 160 else 1)
+
+    trainer = _trainer(tmp_path, "ldam_drw", "paper")
+    assert trainer.hp.epochs == 200
+    assert _lrs(trainer) == pytest.approx([reference(e) for e in range(200)], abs=1e-12)
+    group = trainer.optimizer.param_groups[0]
+    assert group["momentum"] == 0.9 and group["nesterov"] is False and group["weight_decay"] == 2e-4
+    assert len(trainer.optimizer.param_groups) == 1  # weight decay on every parameter, BatchNorm included
+
+
+def test_paco_cifar_schedule_matches_the_reference_except_its_epoch_10_quirk(tmp_path):
+    def reference(epoch: int, lr: float = 0.05) -> float:  # PaCo paco_cifar.py, 0-based epoch
+        if epoch <= 10:
+            return lr / 10 * (epoch + 1)
+        return lr * (0.01 if epoch > 360 else 0.1 if epoch > 320 else 1)
+
+    lrs = _lrs(_trainer(tmp_path, "paco", "paper"))
+    differs = [e for e in range(400) if not math.isclose(lrs[e], reference(e), abs_tol=1e-12)]
+    assert differs == [10] and lrs[10] == pytest.approx(0.05)  # the reference gives 1.1 * lr for that one epoch
+
+
+def test_paco_imagenet_schedule_warmup_then_cosine_exactly(tmp_path):
+    def reference(epoch: int, lr: float = 0.02, total: int = 400, warm: int = 10) -> float:  # paco_lt.py
+        if epoch < warm:
+            return lr / warm * (epoch + 1)
+        return lr * 0.5 * (1 + math.cos(math.pi * (epoch - warm + 1) / (total - warm + 1)))
+
+    trainer = _trainer(tmp_path, "paco", "paper", "imagenetlt", moco_dim=8, moco_k=256)
+    assert trainer.hp.sched == "cosine" and trainer.hp.weight_decay == 5e-4
+    assert _lrs(trainer) == pytest.approx([reference(e) for e in range(400)], abs=1e-12)
+
+
+def test_short_preset_keeps_the_schedule_shape(tmp_path):
+    lrs = _lrs(_trainer(tmp_path, "ldam_drw", "short"))
+    assert len(lrs) == 50 and lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])
+    assert lrs[39] == pytest.approx(0.1) and lrs[40] == pytest.approx(1e-3) and lrs[45] == pytest.approx(1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Method internals
+
+
+def _method(name: str, preset: str = "tiny", **sets):
+    config = stages.make_config(name, "synthetic", preset=preset, sets=[f"{k}={v}" for k, v in sets.items()])
+    data = stages.load_data(config, _runtime(None))
+    return METHODS.get(name)(stages.hparams_of(config), data.info, torch.device("cpu"), {}), data
+
+
+def test_ldam_drw_switches_weights_at_drw_epoch_and_predicts_raw_cosines():
+    method, data = _method("ldam_drw", preset="paper")
+    counts = data.info.train_counts
+    method.on_epoch_start(159)
+    assert method.class_weights.tolist() == [1.0] * len(counts)
+    method.on_epoch_start(160)
+    torch.testing.assert_close(method.class_weights, effective_number_weights(counts, 0.9999))
+    method.model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits = method.predict(x)["main"]
+        torch.testing.assert_close(logits, method.model(x))
+    assert logits.abs().max() <= 1 + 1e-6  # no margin, no scale at inference
+
+
+def test_paco_prepare_enqueues_keys_and_after_step_moves_the_key_encoder():
+    method, _ = _method("paco", moco_k=64)
+    key = method.key
+    start_queue = key.queue.clone()
+    views = [torch.randn(16, 3, 32, 32), torch.randn(16, 3, 32, 32)]
+    labels = torch.arange(16) % 10
+    with torch.no_grad():
+        query_view, y, keys, queue, queue_labels = method.prepare(views, labels)
+    assert query_view is views[0] and torch.equal(queue, start_queue)  # the batch contrasts with the old queue
+    torch.testing.assert_close(keys.norm(dim=1), torch.ones(16))
+    assert torch.equal(key.queue[:16], keys) and torch.equal(key.queue_labels[:16], labels)
+    assert int(key.queue_ptr) == 16 and torch.equal(key.queue[16:], start_queue[16:])
+    # momentum update: k <- m k + (1 - m) q
+    query_param = method.model.backbone.conv1.weight
+    with torch.no_grad():
+        query_param.add_(1.0)
+    before = key.backbone.conv1.weight.clone()
+    method.after_step()
+    m = method.hp.moco_m
+    torch.testing.assert_close(key.backbone.conv1.weight, m * before + (1 - m) * query_param)
+    assert not any(p.requires_grad for p in key.parameters())
+    loss, _ = method.loss((query_view, y, keys, queue, queue_labels))
+    loss.backward()
+    assert method.model.fc.weight.grad is not None and method.model.projector[0].weight.grad is not None
+
+
+def test_paco_training_views_are_two_differently_augmented_tensors():
+    method, data = _method("paco")
+    transform = method.train_transform()
+    first, second = transform(augment.SplitDataset(data.train, transform).image(0))
+    assert first.shape == second.shape == (3, 32, 32) and not torch.equal(first, second)
+
+
+def test_cutout_zeroes_one_square():
+    torch.manual_seed(0)
+    out = augment.Cutout(4)(torch.ones(3, 16, 16))
+    zero_rows = (out[0] == 0).any(dim=1).sum().item()
+    assert 2 <= (out == 0).sum().item() // 3 <= 16 and zero_rows <= 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: the published recipes per dataset
+
+
+def _hp(method: str, preset: str, dataset: str):
+    return stages.resolve_hparams(METHODS.get(method), preset, dataset, None, {})
+
+
+def test_paper_presets_hold_the_published_recipes():
+    cifar = _hp("erm_cnn", "paper", "cifar10lt")
+    assert (cifar.arch, cifar.classifier, cifar.epochs, cifar.batch_size, cifar.lr, cifar.weight_decay) == \
+        ("resnet32", "linear", 200, 128, 0.1, 2e-4)
+    ldam = _hp("ldam_drw", "paper", "cifar100lt")
+    assert (ldam.classifier, ldam.max_m, ldam.scale, ldam.drw_epoch, ldam.drw_beta) == \
+        ("normed", 0.5, 30.0, 160, 0.9999)
+    large = _hp("ldam_drw", "paper", "imagenetlt")
+    assert (large.arch, large.img_size, large.epochs, large.batch_size, large.lr, large.weight_decay, large.sched,
+            large.max_m, large.drw_epoch) == ("resnet50", 224, 90, 256, 0.2, 2e-4, "cosine", 0.3, 60)
+    inat = _hp("ldam_drw", "paper", "inat2018")
+    assert (inat.lr, inat.weight_decay) == (0.1, 1e-4)
+    paco = _hp("paco", "paper", "cifar100lt")
+    assert (paco.moco_dim, paco.moco_k, paco.temperature, paco.alpha, paco.beta, paco.gamma, paco.lr,
+            paco.weight_decay, paco.epochs, paco.drop_last) == (32, 1024, 0.05, 0.01, 1.0, 1.0, 0.05, 5e-4, 400, True)
+    paco_inat = _hp("paco", "paper", "inat2018")
+    assert (paco_inat.arch, paco_inat.moco_dim, paco_inat.moco_k, paco_inat.temperature, paco_inat.alpha,
+            paco_inat.lr, paco_inat.weight_decay, paco_inat.batch_size) == \
+        ("resnet50", 128, 8192, 0.2, 0.05, 0.02, 1e-4, 128)
+    assert all(_hp(m, "paper", "cifar10lt").sam_rho == 0 for m in CNN_METHODS)
+
+
+def test_sam_presets_name_the_teacher_radii():
+    assert _hp("ldam_drw", "sam", "cifar10lt").sam_rho == 0.8 and _hp("ldam_drw", "sam", "cifar100lt").sam_rho == 0.8
+    steps = _hp("ldam_drw", "sam", "imagenetlt")
+    assert steps.sam_rho_steps == (0.05, 0.1, 0.5, 0.5) and steps.sam_rho_epochs == (5, 60, 75)
+    assert _hp("paco", "sam", "cifar10lt").sam_rho == 0.1 and _hp("paco", "sam", "inat2018").sam_rho == 0.05
+    assert (_hp("erm_cnn", "sam", "cifar10lt").sam_rho, _hp("erm_cnn", "sam", "cifar100lt").sam_rho) == (0.1, 0.2)
+    short = _hp("ldam_drw", "short_sam", "cifar10lt")
+    assert (short.epochs, short.drw_epoch, short.sam_rho) == (50, 40, 0.8)
