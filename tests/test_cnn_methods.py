@@ -34,8 +34,8 @@ def test_two_tiny_epochs_beat_chance_clearly(trained):
     record, _ = trained
     result = record.result()
     assert result["final"]["epoch"] == 1 and len(record.metrics()) == 2
-    # 10 classes: chance is 10 %. Seed 0 gives about 70 / 45 / 43 % (erm_cnn / ldam_drw / paco); two epochs of
-    # ~50 steps are noisy (other seeds: 70-91 / 31-59 / 36-70 %), hence the margin.
+    # 10 classes: chance is 10 %. Seed 0 gives 54.5 / 48.5 / 62 % (erm_cnn / ldam_drw / paco); two epochs of
+    # ~50 steps are noisy (seeds 1-4: 70-91 / 31-59 / 55-59 %), hence the margin.
     assert result["final"]["heads"]["main"]["top1"] > 25.0
 
 
