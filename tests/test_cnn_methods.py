@@ -203,6 +203,19 @@ def test_paco_training_views_are_two_differently_augmented_tensors():
     assert first.shape == second.shape == (3, 32, 32) and not torch.equal(first, second)
 
 
+def test_large_dataset_pipelines_give_the_network_input_size():
+    from PIL import Image
+
+    from ltbench.data import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo
+
+    info = DatasetInfo("files", 5, (3,) * 5, 0, IMAGENET_MEAN, IMAGENET_STD)
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (80, 100, 3), dtype=np.uint8))
+    first, second = augment.paco_imagenet_views(info, 64)(image)
+    assert first.shape == second.shape == (3, 64, 64)
+    assert augment.imagenet_crop_jitter(info, 64)(image).shape == (3, 64, 64)
+    assert augment.center_crop_eval(info, 64)(image).shape == (3, 64, 64)
+
+
 def test_cutout_zeroes_one_square():
     torch.manual_seed(0)
     out = augment.Cutout(4)(torch.ones(3, 16, 16))
