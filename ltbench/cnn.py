@@ -33,7 +33,9 @@ class NormedLinear(nn.Module):
         self.weight = nn.Parameter(F.normalize(torch.empty(out_features, in_features).uniform_(-1, 1), dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+        # float32 even under bf16 autocast: LDAM scales these cosines by s = 30, which would amplify bf16 rounding
+        with torch.autocast(x.device.type, enabled=False):
+            return F.normalize(x.float(), dim=1) @ F.normalize(self.weight.float(), dim=1).t()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

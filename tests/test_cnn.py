@@ -48,6 +48,8 @@ def test_normed_linear_gives_cosines():
     expected = torch.nn.functional.cosine_similarity(x.unsqueeze(1), head.weight.unsqueeze(0), dim=2)
     torch.testing.assert_close(head(x), expected)
     assert head(10 * x).abs().max() <= 1 + 1e-6  # scale-invariant, bounded
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head(x.bfloat16()).dtype == torch.float32  # LDAM multiplies these by 30
 
 
 def test_resnet50_from_torchvision_exposes_the_pooled_feature():
