@@ -15,6 +15,18 @@ SHARED_DATA = Path(os.environ.get("LTBENCH_SHARED_DATA", REPO.parent / "shared" 
 FAST_VIT = ["workers=0", "auto_augment=", "re_prob=0", "mixup=0", "cutmix=0", "crop_scale_min=0.6"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models, thousands of small ops: on a busy 2-core machine torch's spinning second thread made
+    tests ten times slower or worse. Subprocess tests set OMP_NUM_THREADS themselves."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def cifar_root() -> Path:
     if not (SHARED_DATA / "cifar-10-batches-py" / "data_batch_1").is_file():

@@ -15,15 +15,6 @@ from tests.conftest import set_args
 SMALL_DATA = ["data.n_max=80", "data.n_test=4", "data.num_classes=4", "batch_size=32"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: on a busy shared CPU, two spinning OpenMP threads make each op tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _bench(cli, tmp_path, method: str, *extra: str) -> dict:
     result = cli("bench", "--method", method, "--dataset", "synthetic", "--preset", "tiny", "--steps", "2",
                  "--warmup", "1", "--device", "cpu", "--workers", "0", "--results", str(tmp_path / "results"),

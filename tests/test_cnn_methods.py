@@ -18,16 +18,6 @@ from ltbench.registry import EVALUATORS, METHODS
 CNN_METHODS = ("erm_cnn", "ldam_drw", "paco")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny ResNets train single-threaded here: on two shared cores, torch's spinning second thread made these
-    tests ten times slower whenever another process was busy."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _runtime(path, **kw) -> Runtime:
     return Runtime(results=path, data_root=path, device="cpu", progress=False, echo=lambda *_: None, **kw)
 

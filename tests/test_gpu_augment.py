@@ -37,15 +37,6 @@ DEIT = AugRecipe.deit(CIFAR_MEAN, CIFAR_STD, 32, "rand-m9-mstd0.5-inc1", re_prob
 Z = 4.5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of small ops: on a busy shared CPU, two spinning OpenMP threads run them tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def realish_images(n: int, seed: int = 0, size: int = 32) -> np.ndarray:
     """Smooth colour fields with texture and a per-image tonal range: unlike uniform noise, they give
     AutoContrast, Equalize, Contrast and the interpolating warps something to do."""

@@ -17,16 +17,6 @@ from ltbench.registry import EVALUATORS, METHODS
 from ltbench.sam import SAM
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny ResNets train single-threaded here: on two shared cores, torch's spinning second thread made these
-    tests ten times slower whenever another process was busy."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
