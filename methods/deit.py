@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from ltbench.methods.erm_vit import VIT_PRESETS, ERMViT, ViTHparams
-from ltbench.methods.paco import PACO_SAM
 
 from ltbench import analysis
 from ltbench.config import RunConfig, _check
@@ -23,17 +22,15 @@ from ltbench.errors import UserError
 from ltbench.models import distilled_heads
 from ltbench.teacher import FrozenTeacher
 
-# Teacher names -> (CNN method, hyperparameter overrides per dataset; "*" for all).
-# SAM radii: LDAM-DRW+SAM as Saddle-LongTail (0.8 constant on CIFAR; the step schedule on the large datasets);
-# PaCo+SAM's radius is unpublished: methods/paco.py documents the default it chose (PACO_SAM).
-LARGE_SAM_STEPS = {"sam_rho_steps": (0.05, 0.1, 0.5, 0.5), "sam_rho_epochs": (5, 60, 75)}
-TEACHERS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
-    "erm_cnn": ("erm_cnn", {}),
-    "ldam_drw": ("ldam_drw", {}),
-    "ldam_drw_sam": ("ldam_drw", {"*": {"sam_rho": 0.8}, "imagenetlt": LARGE_SAM_STEPS,
-                                  "inat2018": LARGE_SAM_STEPS}),
-    "paco": ("paco", {}),
-    "paco_sam": ("paco", PACO_SAM),
+# Teacher names -> (CNN method, trained with SAM). A SAM teacher runs its method's SAM variant of the student's
+# preset (paper -> sam, short -> short_sam, tiny -> tiny_sam), so the radii live in one place, next to each method:
+# LDAM-DRW+SAM as Saddle-LongTail (methods/ldam_drw.py), PaCo+SAM's unpublished radius as methods/paco.py chose.
+TEACHERS: dict[str, tuple[str, bool]] = {
+    "erm_cnn": ("erm_cnn", False),
+    "ldam_drw": ("ldam_drw", False),
+    "ldam_drw_sam": ("ldam_drw", True),
+    "paco": ("paco", False),
+    "paco_sam": ("paco", True),
 }
 FREQUENCY_SORTED = {"imagenetlt": {"sort_by_frequency": True}, "inat2018": {"sort_by_frequency": True}}
 
@@ -42,7 +39,7 @@ FREQUENCY_SORTED = {"imagenetlt": {"sort_by_frequency": True}, "inat2018": {"sor
 class DeiTHparams(ViTHparams):
     teacher: str = "erm_cnn"  # a name in TEACHERS
     teacher_run: str = ""  # an existing finished run (id, prefix or folder) instead of a trained-on-demand one
-    teacher_preset: str = ""  # the teacher's preset; "" = the student's preset name
+    teacher_preset: str = ""  # the teacher's preset; "" = the student's (a SAM teacher takes its SAM variant)
     teacher_overrides: tuple[str, ...] = ()  # KEY=VALUE hyperparameters of the teacher run, e.g. epochs=100
     distillation_alpha: float = 0.5
 
@@ -53,20 +50,27 @@ class DeiTHparams(ViTHparams):
         _check(0.0 <= self.distillation_alpha <= 1.0, "distillation_alpha must be in [0, 1]")
 
 
+def sam_preset(preset: str) -> str:
+    """The SAM variant of a CNN preset name (already-SAM names are kept)."""
+    if preset == "sam" or preset.endswith("_sam"):
+        return preset
+    return "sam" if preset == "paper" else f"{preset}_sam"
+
+
 def teacher_config(student: RunConfig, teacher: str, preset: str, overrides: tuple[str, ...] = ()) -> RunConfig:
     """The teacher run a student needs: same dataset, rho and seed, original label order."""
     from ltbench import stages
     from ltbench.registry import METHODS
 
-    method, per_dataset = TEACHERS[teacher]
-    layer = {**per_dataset.get("*", {}), **per_dataset.get(student.dataset, {})}
+    method, with_sam = TEACHERS[teacher]
+    preset = sam_preset(preset) if with_sam else preset
     data = {k: v for k, v in student.data.items() if k != "sort_by_frequency"}
     if preset not in METHODS.get(method).presets:
         raise UserError(f"The teacher method {method!r} has no preset {preset!r}; set teacher_preset=NAME.")
     if any(item.startswith("data.") for item in overrides):
         raise UserError("teacher_overrides cannot change dataset options: a teacher sees the student's data.")
-    return stages.make_config(method, student.dataset, seed=student.seed, preset=preset, hparams=layer,
-                              data_options=data, sets=overrides)
+    return stages.make_config(method, student.dataset, seed=student.seed, preset=preset, data_options=data,
+                              sets=overrides)
 
 
 class DeiT(ERMViT):

@@ -103,6 +103,7 @@ class ERMCNN(Method):
         "short": layered({"*": SHORT_CIFAR}, SADDLE_LARGE, SHORT_LARGE),
         "short_sam": layered({"*": SHORT_CIFAR}, SADDLE_LARGE, SHORT_LARGE, ERM_SAM),
         "tiny": TINY,
+        "tiny_sam": layered(TINY, ERM_SAM),
     }
     default_preset = "paper"
     filter_bias_and_bn = False  # the reference code decays every parameter, BatchNorm and biases included

@@ -59,6 +59,7 @@ LDAM_SAM = {"*": {"sam_rho": 0.8},
 _LDAM_SHORT = {"*": {"drw_epoch": 40}, **{name: {"drw_epoch": 16} for name in LARGE_DATASETS}}
 _LDAM_SHORT_SAM = {name: {"sam_rho_epochs": [1, 16, 20]} for name in LARGE_DATASETS}
 LDAM_SHORT = layered({"*": SHORT_CIFAR}, SADDLE_LARGE, _LDAM_LARGE, SHORT_LARGE, _LDAM_SHORT)
+LDAM_TINY = layered(TINY, {"*": {"lr": 0.05, "drw_epoch": 1}})  # LDAM's s = 30 loss needs a larger lr to move
 
 
 class LDAMDRW(ERMCNN):
@@ -70,7 +71,8 @@ class LDAMDRW(ERMCNN):
         "sam": layered(LDAM_PAPER, LDAM_SAM),
         "short": LDAM_SHORT,
         "short_sam": layered(LDAM_SHORT, LDAM_SAM, _LDAM_SHORT_SAM),
-        "tiny": layered(TINY, {"*": {"lr": 0.05, "drw_epoch": 1}}),  # LDAM's s = 30 loss needs a larger lr to move
+        "tiny": LDAM_TINY,
+        "tiny_sam": layered(LDAM_TINY, LDAM_SAM),
     }
     teacher_logits = "cosine similarities of the pooled feature to the class vectors (no margin, no scale)"
 

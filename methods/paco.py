@@ -165,6 +165,7 @@ class PaCo(ERMCNN):
         "short": PACO_SHORT,
         "short_sam": layered(PACO_SHORT, PACO_SAM),
         "tiny": PACO_TINY,
+        "tiny_sam": layered(PACO_TINY, PACO_SAM),
     }
     teacher_logits = "the linear classifier W h + b on the pooled backbone feature (no prior correction)"
 

@@ -52,10 +52,10 @@ stamp "smoke passed"
 
 # ---- 2. the short recipes, concurrently on the one GPU -------------------------------------------------------
 # Students wait on their teacher's run lock, so every teacher trains once, before its students.
-run_bg() { local name=$1; shift; ltbench run "$@" $D --preset short --results "$RES" >"$LOG/$name.log" 2>&1 & }
+run_bg() { local name=$1; shift; ltbench run --preset short "$@" $D --results "$RES" >"$LOG/$name.log" 2>&1 & }
 run_bg erm_cnn --method erm_cnn
 run_bg ldam_drw --method ldam_drw
-run_bg ldam_drw_sam --method ldam_drw --set sam_rho=0.8
+run_bg ldam_drw_sam --method ldam_drw --preset short_sam  # the teacher deitlt reuses
 run_bg erm_vit --method erm_vit
 sleep 20  # let the teachers take their locks first
 run_bg deit --method deit
@@ -64,8 +64,8 @@ wait
 stamp "short runs done"
 
 # ---- 3. throughput, alone on the GPU ---------------------------------------------------------------------------
-for spec in "deitlt --preset paper" "erm_vit --preset paper" "ldam_drw --preset paper --set sam_rho=0.8" \
-            "paco --preset paper --set sam_rho=0.1" "erm_vit --preset short"; do
+for spec in "deitlt --preset paper" "erm_vit --preset paper" "ldam_drw --preset sam" \
+            "paco --preset sam" "erm_vit --preset short"; do
   name=$(echo "$spec" | tr ' =' '__')
   # shellcheck disable=SC2086
   timeout 120 ltbench bench --method $spec $D --steps 30 --json >"$WORK/bench_$name.json" 2>"$LOG/bench_$name.log"

@@ -150,3 +150,19 @@ def test_drw_epoch_must_be_inside_the_schedule():
 
     with pytest.raises(UserError, match="drw_epoch"):
         stages.make_config("deitlt", "cifar10lt", rho=100, epochs=50)
+
+
+@pytest.mark.parametrize(("student_preset", "dataset", "teacher_preset", "sam"), [
+    ("paper", "cifar10lt", "sam", {"sam_rho": 0.8, "epochs": 200}),
+    ("short", "cifar10lt", "short_sam", {"sam_rho": 0.8, "epochs": 50, "drw_epoch": 40}),
+    ("short", "imagenetlt", "short_sam", {"sam_rho_steps": (0.05, 0.1, 0.5, 0.5), "sam_rho_epochs": (1, 16, 20)}),
+    ("tiny", "cifar10lt", "tiny_sam", {"sam_rho": 0.8}),
+])
+def test_sam_teacher_is_the_cnn_methods_own_sam_preset(student_preset, dataset, teacher_preset, sam):
+    """A student's SAM teacher is exactly `ltbench run --method ldam_drw --preset <SAM variant>` (same run id)."""
+    rho = 100 if dataset == "cifar10lt" else None
+    student = stages.make_config("deitlt", dataset, rho=rho, preset=student_preset, sets=["teacher=ldam_drw_sam"])
+    teacher = METHODS.get("deitlt").requires(student)["teacher"]
+    direct = stages.make_config("ldam_drw", dataset, rho=rho, preset=teacher_preset)
+    assert (teacher.method, teacher.preset, teacher.run_id) == ("ldam_drw", teacher_preset, direct.run_id)
+    assert {k: teacher.hparams[k] for k in sam} == {k: list(v) if isinstance(v, tuple) else v for k, v in sam.items()}
