@@ -58,8 +58,10 @@ def bench(config: RunConfig, runtime: Runtime, *, steps: int = 10, warmup: int |
         fixed = [(_to(x, device), _to(y, device)) for x, y in last_batch[0]]
         flops = _count_flops(trainer, fixed, last_batch[1])
         model_only = _time_model_only(trainer, fixed, last_batch[1], warmup, steps)
+        evaluation = _time_evaluation(trainer, batches=max(2, steps))
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        return _report(config, hp, trainer, end_to_end, model_only, flops, peak, stand_ins, steps, warmup)
+        return _report(config, hp, trainer, end_to_end, model_only, evaluation, flops, peak, stand_ins, steps,
+                       warmup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +173,22 @@ def _time_model_only(trainer: Trainer, fixed: list, size: int, warmup: int, step
     return {"wall_s": time.perf_counter() - start, "images": steps * sum(len(y) for _, y in fixed)}
 
 
+def _time_evaluation(trainer: Trainer, batches: int) -> dict[str, float]:
+    """The engine's evaluation path (eval loader, bf16 on GPU, every head) over its first ``batches`` batches,
+    after one untimed batch."""
+    loader = trainer._eval_loader()
+    for module in trainer.method.state_modules().values():
+        module.eval()
+    head = list(itertools.islice(iter(loader), batches + 1))
+    trainer.predict(head[:1])
+    _sync(trainer.device)
+    start = time.perf_counter()
+    _, labels = trainer.predict(head[1:] or head)
+    _sync(trainer.device)
+    trainer.method.trainable().train()
+    return {"wall_s": time.perf_counter() - start, "images": len(labels)}
+
+
 def _count_flops(trainer: Trainer, fixed: list, size: int) -> int:
     """FLOPs of one whole optimizer step (teacher forward, student forward and backward, SAM's second pass),
     counted eagerly from the aten ops torch dispatches."""
@@ -187,7 +205,8 @@ def _count_flops(trainer: Trainer, fixed: list, size: int) -> int:
 
 
 def _report(config: RunConfig, hp, trainer: Trainer, end_to_end: dict[str, float], model_only: dict[str, float],
-            flops: int, peak_gib: float | None, stand_ins: list[str], steps: int, warmup: int) -> dict[str, Any]:
+            evaluation: dict[str, float], flops: int, peak_gib: float | None, stand_ins: list[str], steps: int,
+            warmup: int) -> dict[str, Any]:
     device = trainer.device
     on_device = getattr(trainer, "device_inputs", None) is not None
     per_step_images = model_only["images"] / steps
@@ -196,6 +215,10 @@ def _report(config: RunConfig, hp, trainer: Trainer, end_to_end: dict[str, float
     flops_per_image = flops / per_step_images
     step_rate = steps / end_to_end["wall_s"]
     total_steps = trainer.steps_per_epoch * hp.epochs
+    train_hours = total_steps / step_rate / 3600
+    evaluations = hp.epochs // trainer.eval_every + (hp.epochs % trainer.eval_every != 0)
+    eval_ips = evaluation["images"] / evaluation["wall_s"]
+    eval_hours = evaluations * len(trainer.data.test) / eval_ips / 3600
     return {
         "method": config.method,
         "dataset": config.dataset,
@@ -209,6 +232,8 @@ def _report(config: RunConfig, hp, trainer: Trainer, end_to_end: dict[str, float
         "micro_batch": trainer.micro,
         "precision": str(trainer.amp).removeprefix("torch.") if trainer.amp else "float32",
         "compile": trainer.runtime.compile,
+        "compile_mode": trainer.runtime.compile_mode if trainer.runtime.compile else None,
+        "cuda_graphs": trainer.cuda_graphs,
         "steps": steps,
         "warmup_steps": warmup,
         "stand_in_upstream": stand_ins,
@@ -224,8 +249,15 @@ def _report(config: RunConfig, hp, trainer: Trainer, end_to_end: dict[str, float
         "peak_gpu_memory_gib": peak_gib,
         "steps_per_epoch": trainer.steps_per_epoch,
         "epochs": hp.epochs,
-        "projected_train_hours": total_steps / step_rate / 3600,
-        "projection": "optimizer steps of the full schedule at the end-to-end rate; evaluation not included",
+        "images_per_s_eval": eval_ips,
+        "eval_every": trainer.eval_every,
+        "evaluations": evaluations,
+        "projected_train_hours": train_hours,
+        "projected_eval_hours": eval_hours,
+        "projected_hours": train_hours + eval_hours,
+        "eval_share": eval_hours / (train_hours + eval_hours),
+        "projection": "optimizer steps of the full schedule at the end-to-end rate, plus every scheduled "
+                      "evaluation of the test split at the measured evaluation rate",
     }
 
 
@@ -250,8 +282,13 @@ def format_report(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("TFLOP/s model only", num(report["tflops_model_only"], ".3f")),
         ("peak GPU memory", num(report["peak_gpu_memory_gib"], ".2f") + (" GiB" if report["peak_gpu_memory_gib"]
                                                                          is not None else "")),
+        ("img/s evaluation", num(report["images_per_s_eval"], ",.1f")),
         ("projected training time", f"{_duration(report['projected_train_hours'])} for {report['epochs']} epochs x "
-                                    f"{report['steps_per_epoch']} steps (no evaluation)"),
+                                    f"{report['steps_per_epoch']} steps"),
+        ("projected evaluation time", f"{_duration(report['projected_eval_hours'])} for {report['evaluations']} "
+                                      f"evaluations (every {report['eval_every']} epochs; "
+                                      f"{100 * report['eval_share']:.1f} % of the total)"),
+        ("projected total", _duration(report["projected_hours"])),
         *([("note", f"random-weight stand-in for: {', '.join(report['stand_in_upstream'])}")]
           if report["stand_in_upstream"] else []),
     ]

@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from ltbench.config import COMPILE_MODES
 from ltbench.errors import UserError
 
 console = Console()
@@ -33,6 +34,9 @@ def runtime_options(func):
                      help="Results folder; runs go to RESULTS/runs/<run_id>/."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--compile/--no-compile", "compile_", default=False, help="torch.compile the trained model."),
+        click.option("--compile-mode", type=click.Choice(list(COMPILE_MODES)), default="default", show_default=True,
+                     help="torch.compile mode with --compile; reduce-overhead and max-autotune replay each training "
+                          "step's kernels as CUDA graphs (small models are launch-bound)."),
         click.option("--micro-batch", type=int, default=0,
                      help="Per-device forward batch; gradients accumulate to the preset's batch."),
         click.option("--workers", type=int, default=None, help="Data-loader worker processes."),
@@ -47,7 +51,7 @@ def runtime_options(func):
 
 
 def make_runtime(data_root, results, device, compile_, micro_batch, workers, download, quiet, augment_on="auto",
-                 **extra):
+                 compile_mode="default", **extra):
     from ltbench.data import default_data_root
     from ltbench.engine import Runtime
 
@@ -57,9 +61,9 @@ def make_runtime(data_root, results, device, compile_, micro_batch, workers, dow
         if not torch.cuda.is_available():
             raise UserError(f"--device {device} was asked for, but PyTorch sees no CUDA GPU here. Use --device cpu.")
     return Runtime(results=Path(results).resolve(), data_root=(data_root or default_data_root()).resolve(),
-                   device=device, compile=compile_, micro_batch=micro_batch, workers=workers, download=download,
-                   augment_on=augment_on,
-                   progress=not quiet, echo=lambda msg: err_console.print(msg, highlight=False), **extra)
+                   device=device, compile=compile_, compile_mode=compile_mode, micro_batch=micro_batch,
+                   workers=workers, download=download, augment_on=augment_on, progress=not quiet,
+                   echo=lambda msg: err_console.print(msg, highlight=False), **extra)
 
 
 class LTGroup(click.Group):

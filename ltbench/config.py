@@ -20,6 +20,9 @@ from ltbench.errors import UserError
 
 SCHEMA_VERSION = 1
 
+# torch.compile modes -> whether the mode replays compiled graphs as CUDA graphs (cudagraph trees)
+COMPILE_MODES = {"default": False, "max-autotune-no-cudagraphs": False, "reduce-overhead": True, "max-autotune": True}
+
 
 @dataclass
 class TrainHparams:
@@ -45,7 +48,9 @@ class TrainHparams:
     sam_rho_epochs: tuple[int, ...] = ()  # 0-based epochs at which sam_rho_steps[1:] start
     ema_decay: float = 0.0  # >0: keep an EMA of the model weights (saved; evaluated only with eval_ema)
     eval_ema: bool = False
-    eval_every: int = 1  # evaluate on the test split every N epochs (and always at the last epoch)
+    # Evaluate on the test split every N epochs and always at the last; 0 = the smallest interval at which
+    # evaluation costs at most 5 % of the training compute (engine.eval_interval).
+    eval_every: int = 0
     repeated_aug: int = 1  # DeiT's repeated augmentation: each image N times per epoch, epoch length kept
     workers: int = 2
 
@@ -61,7 +66,7 @@ class TrainHparams:
             not self.sam_rho_steps or len(self.sam_rho_steps) == len(self.sam_rho_epochs) + 1,
             "sam_rho_steps needs exactly one more value than sam_rho_epochs",
         )
-        _check(self.eval_every >= 1, "eval_every must be >= 1")
+        _check(self.eval_every >= 0, "eval_every must be >= 0 (0 = automatic, at most 5 % of training compute)")
         _check(self.repeated_aug >= 1, "repeated_aug must be >= 1")
         _check(self.warmup_epochs < self.epochs or self.epochs == 1, "warmup_epochs must be < epochs")
 

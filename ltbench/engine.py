@@ -10,6 +10,7 @@ resumes by running the same command and loses at most the epoch in progress.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
@@ -24,7 +25,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ltbench import augment, distributed
-from ltbench.config import RunConfig, TrainHparams
+from ltbench.config import COMPILE_MODES, RunConfig, TrainHparams
 from ltbench.data import LTData
 from ltbench.errors import UserError
 from ltbench.evaluate import Evaluator, predict_split
@@ -42,6 +43,7 @@ class Runtime:
     data_root: Path
     device: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"  # a key of config.COMPILE_MODES
     micro_batch: int = 0  # per-device forward batch; 0 = the whole global batch in one pass
     workers: int | None = None  # data-loader workers; None = the method's setting
     progress: bool = True
@@ -55,6 +57,21 @@ class Runtime:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+EVAL_BUDGET = 0.05  # the default evaluation interval keeps evaluation under this share of training compute
+
+
+def eval_interval(hp: TrainHparams, train_images_per_epoch: int, eval_images: int) -> int:
+    """``hp.eval_every``, or for 0 the smallest interval within EVAL_BUDGET.
+
+    An evaluation image costs one forward pass, a training image about three (forward and backward; six with
+    SAM's second pass); teachers and extra views only make training dearer, so the interval errs long.
+    """
+    if hp.eval_every:
+        return hp.eval_every
+    passes = 6 if (hp.sam_rho > 0 or hp.sam_rho_steps) else 3
+    return max(1, math.ceil(eval_images / (EVAL_BUDGET * passes * max(1, train_images_per_epoch))))
 
 
 def seed_hash(*parts: Any) -> int:
@@ -92,8 +109,13 @@ class Trainer:
         self.method = method_cls(hp, data.info, self.device, upstream)
         for module in self.method.state_modules().values():
             module.to(self.device)
+        if runtime.compile_mode not in COMPILE_MODES:
+            raise UserError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, not {runtime.compile_mode!r}.")
+        # CUDA graphs replay only on a GPU; elsewhere the cudagraph modes compile like the others
+        self.cuda_graphs = runtime.compile and COMPILE_MODES[runtime.compile_mode] and self.device.type == "cuda"
         if runtime.compile:
-            self.method.trainable().compile()
+            self.method.trainable().compile(**({} if runtime.compile_mode == "default" else
+                                               {"mode": runtime.compile_mode}))
         self.optimizer = self._build_optimizer()
         if hp.batch_size % self.dist.world:
             raise UserError(f"The global batch {hp.batch_size} does not split evenly over {self.dist.world} "
@@ -109,6 +131,7 @@ class Trainer:
         self.ema = self._build_ema()
         self.start_epoch, self.best, self.train_time, self.train_images = 0, None, 0.0, 0
         self.device_inputs = self._device_inputs()
+        self.eval_every = eval_interval(hp, self.steps_per_epoch * hp.batch_size, len(data.test))
 
     # --- construction ------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -227,18 +250,21 @@ class Trainer:
         rows = [r for r in self.record.metrics() if r["epoch"] < self.start_epoch]
         if self.dist.is_main:
             self.record.write_metrics(rows)
-        eval_loader = self._eval_loader()
+        eval_loader, final = self._eval_loader(), None
         for epochs_this_call, epoch in enumerate(range(self.start_epoch, self.hp.epochs)):
             if self.runtime.stop_after_epochs is not None and epochs_this_call >= self.runtime.stop_after_epochs:
                 return {}
             row = self.train_epoch(epoch)
-            if (epoch + 1) % self.hp.eval_every == 0 or epoch + 1 == self.hp.epochs:
-                row["eval"] = self.evaluate(eval_loader, epoch)
+            last = epoch + 1 == self.hp.epochs
+            if (epoch + 1) % self.eval_every == 0 or last:
+                metrics = self.evaluate(eval_loader, epoch, keep_logits=last and self.runtime.save_logits)
+                row["eval"] = _summary(metrics)
+                final = metrics if last else None  # the last epoch's evaluation is the final one: run once
             rows.append(row)
             if self.dist.is_main:
                 self.record.write_metrics(rows)
                 atomic_torch_save(self.record.checkpoint_path, self.state(epoch + 1))
-        return self.finish(eval_loader, rows)
+        return self.finish(eval_loader, rows, final)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         seed_everything(seed_hash(self.config.seed, "epoch", epoch))
@@ -274,6 +300,8 @@ class Trainer:
     def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], epoch: int,
              global_size: int | None = None) -> dict[str, torch.Tensor]:
         """One optimizer step over this process's micro-batches of one global batch."""
+        if self.cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         prepared = []
         with torch.no_grad(), self._autocast():
             for x, y in micro_batches:
@@ -314,16 +342,25 @@ class Trainer:
         return hp.sam_rho_steps[index]
 
     # --- evaluation and results ----------------------------------------------------------------
-    def evaluate(self, loader, epoch: int) -> dict[str, Any]:
-        metrics = self._evaluate_full(loader)
+    def evaluate(self, loader, epoch: int, keep_logits: bool = False) -> dict[str, Any]:
+        """Full metrics of the current weights; the best epoch so far is updated."""
+        metrics = self._evaluate_full(loader, keep_logits=keep_logits)
         if self.best is None or metrics["heads"]["main"]["top1"] > self.best["heads"]["main"]["top1"]:
-            self.best = {"epoch": epoch, **metrics}
-        return _summary(metrics)
+            self.best = {"epoch": epoch, **{k: v for k, v in metrics.items() if not k.startswith("_")}}
+        return metrics
+
+    def predict(self, loader) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Logits of every head over a loader, in the engine's evaluation precision."""
+        # Eagerly under CUDA-graph modes: evaluation is rare (eval_interval), and graph outputs are overwritten
+        # by the next replay while predict_split still holds them.
+        eager = torch.compiler.set_stance("force_eager") if self.cuda_graphs else contextlib.nullcontext()
+        with eager:
+            return predict_split(self.method.predict, loader, self.device, self.amp)
 
     def _evaluate_full(self, loader, keep_logits: bool = False) -> dict[str, Any]:
         for module in self.method.state_modules().values():
             module.eval()
-        logits, labels = predict_split(self.method.predict, loader, self.device, self.amp)
+        logits, labels = self.predict(loader)
         if self.ema is not None and self.hp.eval_ema:
             ema_logits, _ = predict_split(lambda x: {"main": self.ema.module(x)}, loader, self.device, self.amp)
             logits["ema"] = ema_logits["main"]
@@ -336,8 +373,9 @@ class Trainer:
             metrics["_logits"], metrics["_labels"] = logits, labels
         return metrics
 
-    def finish(self, eval_loader, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        final = self._evaluate_full(eval_loader, keep_logits=self.runtime.save_logits)
+    def finish(self, eval_loader, rows: list[dict[str, Any]], final: dict[str, Any] | None = None) -> dict[str, Any]:
+        if final is None:  # resumed after the last epoch's checkpoint: evaluate the saved final weights
+            final = self._evaluate_full(eval_loader, keep_logits=self.runtime.save_logits)
         if not self.dist.is_main:
             return {"rank": self.dist.rank}
         if self.runtime.save_logits:
@@ -352,6 +390,7 @@ class Trainer:
             "class_counts": list(self.data.info.train_counts),
             "final": {"epoch": self.hp.epochs - 1, **final},
             "best": self.best,
+            "eval_every": self.eval_every,
             "selection": "final = last epoch; best = epoch with the highest main-head top-1 on the test split "
                          "(the protocol of LDAM-DRW, PaCo and DeiT-LT's code; optimistic)",
             "wall_time_s": self.train_time,

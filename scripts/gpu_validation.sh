@@ -74,8 +74,9 @@ for spec in "deitlt --preset paper" "erm_vit --preset paper" "ldam_drw --preset 
 import json, sys
 try:
     b = json.load(open(sys.argv[1]))
-    print(sys.argv[1].rsplit("/", 1)[1], {k: b.get(k) for k in ("images_per_s", "model_only_images_per_s", "ratio",
-          "tflops", "data_wait_fraction", "peak_memory_gib", "projected_hours")})
+    print(sys.argv[1].rsplit("/", 1)[1], {k: b.get(k) for k in (
+    "gpu", "images_per_s_end_to_end", "images_per_s_model_only", "end_to_end_over_model_only", "tflops_model_only",
+    "data_wait_fraction", "peak_gpu_memory_gib", "images_per_s_eval", "eval_share", "projected_hours")})
 except Exception as exc:
     print(sys.argv[1], "no result:", exc)
 PY

@@ -49,6 +49,12 @@ def test_bench_reports_every_measurement(cli, tmp_path):
     assert steps_per_epoch >= 1 and report["epochs"] == 10
     hours = steps_per_epoch * report["epochs"] * report["step_s_end_to_end"] / 3600
     assert report["projected_train_hours"] == pytest.approx(hours)
+    # evaluation: every eval_every epochs and at the last, at the measured evaluation rate, all 16 test images
+    every = report["eval_every"]
+    assert report["evaluations"] == len([e for e in range(10) if (e + 1) % every == 0 or e == 9])
+    eval_hours = report["evaluations"] * 16 / report["images_per_s_eval"] / 3600
+    assert report["projected_eval_hours"] == pytest.approx(eval_hours)
+    assert report["projected_hours"] == pytest.approx(hours + eval_hours)
     assert not (tmp_path / "results").exists()  # the bench keeps no run
 
 
@@ -64,6 +70,7 @@ def test_bench_device_augmentation_and_teacher_stand_in(cli, tmp_path):
 def test_bench_human_output(cli, tmp_path):
     result = cli("bench", "--method", "erm_vit", "--dataset", "synthetic", "--preset", "tiny", "--steps", "1",
                  "--device", "cpu", "--workers", "0", "--results", str(tmp_path), *set_args(*SMALL_DATA))
-    for label in ("img/s end to end", "img/s model only", "waiting for data", "TFLOP/s", "projected training time"):
+    for label in ("img/s end to end", "img/s model only", "waiting for data", "TFLOP/s", "projected training time",
+                  "projected evaluation time", "projected total"):
         assert label in result.stdout
     assert cli("bench", "--method", "erm_vit", "--dataset", "synthetic", "--steps", "0", expect=2).exit_code == 2
