@@ -439,13 +439,15 @@ class Trainer:
 
 
 class _EpochProgress:
-    """A rich progress bar for one epoch; reads device values only every ``every`` steps."""
+    """A rich progress bar for one epoch; reads device values (a host sync) at most every ``every_s`` seconds,
+    so fast small-model steps keep the GPU queue full."""
 
-    every = 10
+    every_s = 2.0
 
     def __init__(self, trainer: Trainer, epoch: int) -> None:
         self.trainer, self.epoch = trainer, epoch
         self.enabled = trainer.runtime.progress and trainer.dist.is_main
+        self.last_read = -float("inf")
 
     def __enter__(self):
         if not self.enabled:
@@ -460,7 +462,8 @@ class _EpochProgress:
 
     def update(self, step: int, sums: dict[str, torch.Tensor], images: int, elapsed: float) -> None:
         stats = None
-        if step % self.every == 0 or step + 1 == self.trainer.steps_per_epoch:
+        if elapsed - self.last_read >= self.every_s or step + 1 == self.trainer.steps_per_epoch:
+            self.last_read = elapsed
             loss = float(sums.get("loss", 0.0)) / (step + 1)
             lr = self.trainer.optimizer.param_groups[0]["lr"]
             stats = f"loss {loss:.4f}  lr {lr:.2e}  {images / max(elapsed, 1e-9):,.0f} img/s"
