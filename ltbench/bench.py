@@ -64,6 +64,21 @@ def bench(config: RunConfig, runtime: Runtime, *, steps: int = 10, warmup: int |
                        warmup)
 
 
+def bench_pipeline(config: RunConfig, runtime: Runtime, *, steps: int = 10, warmup: int | None = None
+                   ) -> dict[str, Any]:
+    """``bench`` of a run and, depth first, of every upstream stage it would train (teachers), with the
+    projected wall time of the whole pipeline (every stage's training and evaluation, run one after another)."""
+    report = bench(config, runtime, steps=steps, warmup=warmup)
+    stages_ = {}
+    for role, ref in METHODS.get(config.method).requires(config).items():
+        if isinstance(ref, RunConfig):  # a run given by id or folder is an existing run, not a stage to time
+            stages_[role] = bench_pipeline(ref, runtime, steps=steps, warmup=warmup)
+    report["upstream_benches"] = stages_
+    report["pipeline_projected_hours"] = report["projected_hours"] + sum(
+        sub["pipeline_projected_hours"] for sub in stages_.values())
+    return report
+
+
 # ----------------------------------------------------------------------------------------------
 # Inputs
 
@@ -291,7 +306,19 @@ def format_report(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("projected total", _duration(report["projected_hours"])),
         *([("note", f"random-weight stand-in for: {', '.join(report['stand_in_upstream'])}")]
           if report["stand_in_upstream"] else []),
+        *_pipeline_rows(report),
     ]
+
+
+def _pipeline_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    if "upstream_benches" not in report:
+        return []
+    rows = []
+    for role, sub in report["upstream_benches"].items():
+        rows += [(f"{role}: {label}", value) for label, value in format_report(sub)
+                 if label in {"setup", "img/s end to end", "projected total", "pipeline total"}]
+    return [*rows, ("pipeline total", f"{_duration(report['pipeline_projected_hours'])} (every stage, one after "
+                                      f"another, evaluation included)")]
 
 
 def _duration(hours: float) -> str:

@@ -116,14 +116,16 @@ main.add_command(run)
 @click.option("--steps", type=int, default=10, show_default=True, help="Timed optimizer steps in each timed region.")
 @click.option("--warmup", type=int, default=None, help="Untimed steps before each timed region (default: --steps).")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as one JSON object.")
+@click.option("--pipeline", is_flag=True,
+              help="Also bench every teacher stage the run needs and project the whole pipeline's wall time.")
 @runtime_options
-def bench_(method, dataset, rho, seed, preset, epochs, sets, steps, warmup, as_json, **rt) -> None:
+def bench_(method, dataset, rho, seed, preset, epochs, sets, steps, warmup, as_json, pipeline, **rt) -> None:
     """Time the real training step: img/s end to end and model-only, data wait, TFLOP/s, memory, projection."""
     from ltbench import stages
-    from ltbench.bench import bench, format_report
+    from ltbench.bench import bench, bench_pipeline, format_report
 
     config = stages.make_config(method, dataset, rho=rho, seed=seed, preset=preset, epochs=epochs, sets=sets)
-    report = bench(config, make_runtime(**rt), steps=steps, warmup=warmup)
+    report = (bench_pipeline if pipeline else bench)(config, make_runtime(**rt), steps=steps, warmup=warmup)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

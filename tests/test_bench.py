@@ -74,3 +74,16 @@ def test_bench_human_output(cli, tmp_path):
                   "projected evaluation time", "projected total"):
         assert label in result.stdout
     assert cli("bench", "--method", "erm_vit", "--dataset", "synthetic", "--steps", "0", expect=2).exit_code == 2
+
+
+def test_bench_pipeline_adds_the_teacher_stage(cli, tmp_path):
+    teacher_sets = "teacher_overrides=batch_size=32,workers=0"
+    report = _bench(cli, tmp_path, "deitlt", "--pipeline", *set_args("teacher=ldam_drw_sam", teacher_sets))
+    teacher = report["upstream_benches"]["teacher"]
+    assert (teacher["method"], teacher["preset"], teacher["upstream_benches"]) == ("ldam_drw", "tiny_sam", {})
+    assert teacher["flops_per_image"] > 0 and teacher["projected_hours"] > 0
+    assert report["pipeline_projected_hours"] == pytest.approx(report["projected_hours"] + teacher["projected_hours"])
+    human = cli("bench", "--method", "deitlt", "--dataset", "synthetic", "--preset", "tiny", "--steps", "1",
+                "--device", "cpu", "--workers", "0", "--results", str(tmp_path), "--pipeline",
+                *set_args(*SMALL_DATA, teacher_sets)).stdout
+    assert "teacher: setup" in human and "pipeline total" in human
