@@ -114,8 +114,7 @@ class Trainer:
         # CUDA graphs replay only on a GPU; elsewhere the cudagraph modes compile like the others
         self.cuda_graphs = runtime.compile and COMPILE_MODES[runtime.compile_mode] and self.device.type == "cuda"
         if runtime.compile:
-            self.method.trainable().compile(**({} if runtime.compile_mode == "default" else
-                                               {"mode": runtime.compile_mode}))
+            self.method.compile(**({} if runtime.compile_mode == "default" else {"mode": runtime.compile_mode}))
         self.optimizer = self._build_optimizer()
         if hp.batch_size % self.dist.world:
             raise UserError(f"The global batch {hp.batch_size} does not split evenly over {self.dist.world} "

@@ -78,6 +78,11 @@ class Method:
         """Every module whose state must be checkpointed; the trainable one included."""
         return {"model": self.trainable()}
 
+    def compile(self, **options: Any) -> None:
+        """torch.compile what ``loss`` and ``predict`` call (``--compile``); by default the trainable module's
+        forward. A method that calls other entry points of its model compiles those instead."""
+        self.trainable().compile(**options)
+
     # --- input pipeline --------------------------------------------------------------------
     def train_transform(self) -> Callable:
         raise NotImplementedError

@@ -9,6 +9,7 @@ The teacher run is found by config hash in the results folder or trained first (
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -93,6 +94,11 @@ class DeiT(ERMViT):
     def __init__(self, hp: DeiTHparams, info, device, upstream) -> None:
         super().__init__(hp, info, device, upstream)
         self.teacher = FrozenTeacher(upstream["teacher"], info, device)
+        self.heads = functools.partial(distilled_heads, self.model)  # (CLS logits, DIST logits)
+
+    def compile(self, **options: Any) -> None:
+        """Both heads come from ``forward_features``, not ``forward``: compile the two-head call itself."""
+        self.heads = torch.compile(self.heads, **options)
 
     def prepare(self, x: torch.Tensor, y: torch.Tensor):
         """The teacher labels exactly the (augmented, mixed) images the student sees."""
@@ -101,7 +107,7 @@ class DeiT(ERMViT):
 
     def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, soft, _, y_teacher = batch
-        cls_logits, dist_logits = distilled_heads(self.model, x)
+        cls_logits, dist_logits = self.heads(x)
         loss_cls = self.soft_ce(cls_logits, soft)
         loss_dist = F.cross_entropy(dist_logits, y_teacher)
         return self._combine(loss_cls, loss_dist)
@@ -111,7 +117,7 @@ class DeiT(ERMViT):
         return (1 - a) * loss_cls + a * loss_dist, {"loss_cls": loss_cls, "loss_dist": loss_dist}
 
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        cls_logits, dist_logits = distilled_heads(self.model, x)
+        cls_logits, dist_logits = self.heads(x)
         return {"main": (cls_logits + dist_logits) / 2, "cls": cls_logits, "dist": dist_logits}
 
     def describe(self) -> dict[str, Any]:

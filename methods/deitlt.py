@@ -27,7 +27,6 @@ from ltbench.methods.erm_vit import VIT_PRESETS
 
 from ltbench.config import _check
 from ltbench.losses import effective_number_weights
-from ltbench.models import distilled_heads
 
 
 @dataclass
@@ -82,7 +81,7 @@ class DeiTLT(DeiT):
         if not self.in_drw():
             return super().loss(batch)
         x, soft, y, y_teacher = batch
-        cls_logits, dist_logits = distilled_heads(self.model, x)
+        cls_logits, dist_logits = self.heads(x)
         loss_cls = self.soft_ce(cls_logits, soft) if self.mixing_active() else F.cross_entropy(cls_logits, y)
         weight = self.drw_weights if self.hp.weighted_distillation else None
         loss_dist = F.cross_entropy(dist_logits.float(), y_teacher, weight=weight)

@@ -18,8 +18,8 @@ TEACHER = "teacher_overrides=epochs=1,batch_size=32,workers=0"
 STUDENT = [*FAST_VIT, *DATA, "batch_size=16", "mixup=0.8", "cutmix=1.0", "teacher=erm_cnn", TEACHER]
 
 
-def _runtime(results) -> Runtime:
-    return Runtime(results=results, data_root=results, device="cpu", progress=False, echo=lambda *_: None)
+def _runtime(results, **options) -> Runtime:
+    return Runtime(results=results, data_root=results, device="cpu", progress=False, echo=lambda *_: None, **options)
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,10 @@ def results(tmp_path_factory):
     return tmp_path_factory.mktemp("deitlt")
 
 
-def _trainer(results, method="deitlt", extra=()):
+def _trainer(results, method="deitlt", extra=(), **runtime_options):
     config = stages.make_config(method, "synthetic", preset="tiny", epochs=3, sets=[*STUDENT, "drw_epoch=2", *extra]
                                 if method == "deitlt" else [*STUDENT, *extra])
-    runtime = _runtime(results)
+    runtime = _runtime(results, **runtime_options)
     upstream = stages.resolve_upstream(config, runtime, train=True)
     return Trainer(config, stages.hparams_of(config), METHODS.get(method), stages.load_data(config, runtime),
                    LongTailEvaluator(), None, runtime, upstream)
@@ -166,3 +166,17 @@ def test_sam_teacher_is_the_cnn_methods_own_sam_preset(student_preset, dataset, 
     direct = stages.make_config("ldam_drw", dataset, rho=rho, preset=teacher_preset)
     assert (teacher.method, teacher.preset, teacher.run_id) == ("ldam_drw", teacher_preset, direct.run_id)
     assert {k: teacher.hparams[k] for k in sam} == {k: list(v) if isinstance(v, tuple) else v for k, v in sam.items()}
+
+
+def test_compile_covers_both_heads(results):
+    """--compile must reach forward_features: both heads come from it, not from the model's forward."""
+    from torch._dynamo.utils import counters
+
+    eager, compiled = _trainer(results).method, _trainer(results, compile=True).method  # same seeded init
+    x = torch.randn(4, 3, 32, 32)
+    counters.clear()
+    with torch.no_grad():
+        eager.model.eval(), compiled.model.eval()
+        got, want = compiled.heads(x), eager.heads(x)
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert all(torch.allclose(g, w, atol=1e-4) for g, w in zip(got, want))
