@@ -67,12 +67,17 @@ def bench(config: RunConfig, runtime: Runtime, *, steps: int = 10, warmup: int |
 def bench_pipeline(config: RunConfig, runtime: Runtime, *, steps: int = 10, warmup: int | None = None
                    ) -> dict[str, Any]:
     """``bench`` of a run and, depth first, of every upstream stage it would train (teachers), with the
-    projected wall time of the whole pipeline (every stage's training and evaluation, run one after another)."""
+    projected wall time of the whole pipeline (every stage's training and evaluation, run one after another).
+    Stages already finished in the results folder (or given as ``teacher_run``) count 0 h."""
     report = bench(config, runtime, steps=steps, warmup=warmup)
     stages_ = {}
     for role, ref in METHODS.get(config.method).requires(config).items():
-        if isinstance(ref, RunConfig):  # a run given by id or folder is an existing run, not a stage to time
-            stages_[role] = bench_pipeline(ref, runtime, steps=steps, warmup=warmup)
+        # a run given by id or folder, or one already finished in --results, is not trained again: 0 h
+        if isinstance(ref, str) or run_record(runtime.results, ref).done:
+            stages_[role] = {"already_trained": True, "run_id": getattr(ref, "run_id", ref),
+                             "pipeline_projected_hours": 0.0}
+            continue
+        stages_[role] = bench_pipeline(ref, runtime, steps=steps, warmup=warmup)
     report["upstream_benches"] = stages_
     report["pipeline_projected_hours"] = report["projected_hours"] + sum(
         sub["pipeline_projected_hours"] for sub in stages_.values())
@@ -189,16 +194,15 @@ def _time_model_only(trainer: Trainer, fixed: list, size: int, warmup: int, step
 
 
 def _time_evaluation(trainer: Trainer, batches: int) -> dict[str, float]:
-    """The engine's evaluation path (eval loader, bf16 on GPU, every head) over its first ``batches`` batches,
-    after one untimed batch."""
+    """The engine's evaluation path (eval loader with its workers, bf16 on GPU, every head) over its first
+    ``batches`` batches, after one untimed batch."""
     loader = trainer._eval_loader()
     for module in trainer.method.state_modules().values():
         module.eval()
-    head = list(itertools.islice(iter(loader), batches + 1))
-    trainer.predict(head[:1])
+    trainer.predict(itertools.islice(iter(loader), 1))
     _sync(trainer.device)
-    start = time.perf_counter()
-    _, labels = trainer.predict(head[1:] or head)
+    start = time.perf_counter()  # loading and decoding included, as in a real evaluation
+    _, labels = trainer.predict(itertools.islice(iter(loader), batches))
     _sync(trainer.device)
     trainer.method.trainable().train()
     return {"wall_s": time.perf_counter() - start, "images": len(labels)}
@@ -315,6 +319,9 @@ def _pipeline_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         return []
     rows = []
     for role, sub in report["upstream_benches"].items():
+        if sub.get("already_trained"):
+            rows.append((f"{role}", f"run {sub['run_id']} already trained: 0 h"))
+            continue
         rows += [(f"{role}: {label}", value) for label, value in format_report(sub)
                  if label in {"setup", "img/s end to end", "projected total", "pipeline total"}]
     return [*rows, ("pipeline total", f"{_duration(report['pipeline_projected_hours'])} (every stage, one after "

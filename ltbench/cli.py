@@ -35,8 +35,8 @@ def runtime_options(func):
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--compile/--no-compile", "compile_", default=False, help="torch.compile the trained model."),
         click.option("--compile-mode", type=click.Choice(list(COMPILE_MODES)), default="default", show_default=True,
-                     help="torch.compile mode with --compile; reduce-overhead and max-autotune replay each training "
-                          "step's kernels as CUDA graphs (small models are launch-bound)."),
+                     help="torch.compile mode (implies --compile); reduce-overhead and max-autotune replay each "
+                          "training step's kernels as CUDA graphs (small models are launch-bound)."),
         click.option("--micro-batch", type=int, default=0,
                      help="Per-device forward batch; gradients accumulate to the preset's batch."),
         click.option("--workers", type=int, default=None, help="Data-loader worker processes."),
@@ -61,8 +61,9 @@ def make_runtime(data_root, results, device, compile_, micro_batch, workers, dow
         if not torch.cuda.is_available():
             raise UserError(f"--device {device} was asked for, but PyTorch sees no CUDA GPU here. Use --device cpu.")
     return Runtime(results=Path(results).resolve(), data_root=(data_root or default_data_root()).resolve(),
-                   device=device, compile=compile_, compile_mode=compile_mode, micro_batch=micro_batch,
-                   workers=workers, download=download, augment_on=augment_on, progress=not quiet,
+                   device=device, compile=compile_ or compile_mode != "default", compile_mode=compile_mode,
+                   micro_batch=micro_batch, workers=workers, download=download, augment_on=augment_on,
+                   progress=not quiet,
                    echo=lambda msg: err_console.print(msg, highlight=False), **extra)
 
 

@@ -113,8 +113,6 @@ class Trainer:
             raise UserError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, not {runtime.compile_mode!r}.")
         # CUDA graphs replay only on a GPU; elsewhere the cudagraph modes compile like the others
         self.cuda_graphs = runtime.compile and COMPILE_MODES[runtime.compile_mode] and self.device.type == "cuda"
-        if runtime.compile:
-            self.method.compile(**({} if runtime.compile_mode == "default" else {"mode": runtime.compile_mode}))
         self.optimizer = self._build_optimizer()
         if hp.batch_size % self.dist.world:
             raise UserError(f"The global batch {hp.batch_size} does not split evenly over {self.dist.world} "
@@ -127,7 +125,9 @@ class Trainer:
         self.steps_per_epoch = self._steps_per_epoch()
         self.scheduler = self._build_scheduler()
         self.sam = SAM(self.method.trainable()) if (hp.sam_rho > 0 or hp.sam_rho_steps) else None
-        self.ema = self._build_ema()
+        self.ema = self._build_ema()  # before compiling: the EMA copy must not share the compiled forward
+        if runtime.compile:
+            self.method.compile(**({} if runtime.compile_mode == "default" else {"mode": runtime.compile_mode}))
         self.start_epoch, self.best, self.train_time, self.train_images = 0, None, 0.0, 0
         self.device_inputs = self._device_inputs()
         self.eval_every = eval_interval(hp, self.steps_per_epoch * hp.batch_size, len(data.test))
@@ -348,20 +348,20 @@ class Trainer:
             self.best = {"epoch": epoch, **{k: v for k, v in metrics.items() if not k.startswith("_")}}
         return metrics
 
-    def predict(self, loader) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Logits of every head over a loader, in the engine's evaluation precision."""
+    def predict(self, loader, predict_fn=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Logits of every head (of ``predict_fn``, default the method's) over a loader, in evaluation precision."""
         # Eagerly under CUDA-graph modes: evaluation is rare (eval_interval), and graph outputs are overwritten
         # by the next replay while predict_split still holds them.
         eager = torch.compiler.set_stance("force_eager") if self.cuda_graphs else contextlib.nullcontext()
         with eager:
-            return predict_split(self.method.predict, loader, self.device, self.amp)
+            return predict_split(predict_fn or self.method.predict, loader, self.device, self.amp)
 
     def _evaluate_full(self, loader, keep_logits: bool = False) -> dict[str, Any]:
         for module in self.method.state_modules().values():
             module.eval()
         logits, labels = self.predict(loader)
         if self.ema is not None and self.hp.eval_ema:
-            ema_logits, _ = predict_split(lambda x: {"main": self.ema.module(x)}, loader, self.device, self.amp)
+            ema_logits, _ = self.predict(loader, lambda x: {"main": self.ema.module(x)})
             logits["ema"] = ema_logits["main"]
         if self.dist.enabled:  # every prediction of every rank, in test-set order, before any metric
             parts = distributed.gather((logits, labels))

@@ -116,7 +116,7 @@ def test_compiled_steps_match_eager_ones(tmp_path):
     from ltbench.registry import METHODS
 
     config = stages.make_config("erm_cnn", "synthetic", preset="tiny", sets=[
-        "data.n_max=60", "data.n_test=6", "data.num_classes=4", "sam_rho=0.05"])  # SAM: two passes per step
+        "data.n_max=60", "data.n_test=6", "data.num_classes=4", "sam_rho=0.05", "ema_decay=0.5"])  # SAM: 2 passes
     data = stages.load_data(config, _runtime(tmp_path))
     x, y = torch.rand(16, 3, 32, 32), torch.arange(16) % 4
     runs = []
@@ -125,6 +125,7 @@ def test_compiled_steps_match_eager_ones(tmp_path):
         trainer = Trainer(config, stages.hparams_of(config), METHODS.get("erm_cnn"), data, LongTailEvaluator(),
                           None, runtime, {})
         assert not trainer.cuda_graphs
+        assert getattr(trainer.ema.module, "_compiled_call_impl", None) is None  # the EMA copy stays eager
         losses = [float(trainer.step([(x, y)], 0)["loss"]) for _ in range(3)]
         runs.append((losses, trainer.predict([(x, y)])[0]["main"]))
     (eager_losses, eager_logits), (compiled_losses, compiled_logits) = runs
