@@ -2,8 +2,9 @@
 
 The network ends in a cosine ("normed") classifier. Training subtracts the class margin
 max_m * (n_min / n_j)^(1/4) from the true-class cosine only, scales every logit by s = 30 and takes
-cross-entropy; inference uses the raw cosines (no margin, no scale). From the 0-based epoch
-``drw_epoch`` on, the cross-entropy is weighted per class by the effective number (beta 0.9999,
+cross-entropy; inference gives s * cosine without margin (the cosine's argmax; the scale keeps softmax
+confidences, hence ECE, at the temperature the loss trained: raw cosines gave ECE ~60 %). From the 0-based
+epoch ``drw_epoch`` on, the cross-entropy is weighted per class by the effective number (beta 0.9999,
 weights normalised to sum to C) with PyTorch's weighted-mean semantics (baselines.md §4.1-4.2).
 
 Recipes: CIFAR (§4.3) = erm_cnn's schedule, max_m 0.5, DRW from epoch 160; ImageNet-LT / iNat (§4.4,
@@ -74,7 +75,7 @@ class LDAMDRW(ERMCNN):
         "tiny": LDAM_TINY,
         "tiny_sam": layered(LDAM_TINY, LDAM_SAM),
     }
-    teacher_logits = "cosine similarities of the pooled feature to the class vectors (no margin, no scale)"
+    teacher_logits = "s * cosine similarities of the pooled feature to the class vectors (no margin)"
 
     def __init__(self, hp: LDAMHparams, info, device, upstream) -> None:
         super().__init__(hp, info, device, upstream)
@@ -94,3 +95,6 @@ class LDAMDRW(ERMCNN):
         x, y = batch
         cosine = self.model(x).float()
         return ldam_loss(cosine, y, self.margins, self.hp.scale, self.class_weights), {}
+
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"main": self.hp.scale * self.model(x).float()}

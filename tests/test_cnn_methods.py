@@ -155,7 +155,7 @@ def _method(name: str, preset: str = "tiny", **sets):
     return METHODS.get(name)(stages.hparams_of(config), data.info, torch.device("cpu"), {}), data
 
 
-def test_ldam_drw_switches_weights_at_drw_epoch_and_predicts_raw_cosines():
+def test_ldam_drw_switches_weights_at_drw_epoch_and_predicts_scaled_cosines():
     method, data = _method("ldam_drw", preset="paper")
     counts = data.info.train_counts
     method.on_epoch_start(159)
@@ -165,9 +165,9 @@ def test_ldam_drw_switches_weights_at_drw_epoch_and_predicts_raw_cosines():
     method.model.eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        logits = method.predict(x)["main"]
-        torch.testing.assert_close(logits, method.model(x))
-    assert logits.abs().max() <= 1 + 1e-6  # no margin, no scale at inference
+        logits, cosine = method.predict(x)["main"], method.model(x)
+    torch.testing.assert_close(logits, 30.0 * cosine)  # s * cosine, no margin at inference
+    assert cosine.abs().max() <= 1 + 1e-6
 
 
 def test_paco_prepare_enqueues_keys_and_after_step_moves_the_key_encoder():
