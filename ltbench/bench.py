@@ -235,7 +235,7 @@ def _report(config: RunConfig, hp, trainer: Trainer, end_to_end: dict[str, float
     step_rate = steps / end_to_end["wall_s"]
     total_steps = trainer.steps_per_epoch * hp.epochs
     train_hours = total_steps / step_rate / 3600
-    evaluations = hp.epochs // trainer.eval_every + (hp.epochs % trainer.eval_every != 0)
+    evaluations = sum(trainer.evaluates_after(epoch) for epoch in range(hp.epochs))
     eval_ips = evaluation["images"] / evaluation["wall_s"]
     eval_hours = evaluations * len(trainer.data.test) / eval_ips / 3600
     return {

@@ -70,6 +70,10 @@ class TrainHparams:
         _check(self.repeated_aug >= 1, "repeated_aug must be >= 1")
         _check(self.warmup_epochs < self.epochs or self.epochs == 1, "warmup_epochs must be < epochs")
 
+    @property
+    def uses_sam(self) -> bool:
+        return self.sam_rho > 0 or bool(self.sam_rho_steps)
+
     def effective_lr(self) -> float:
         if not self.lr_base_batch:
             return self.lr

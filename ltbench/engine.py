@@ -70,7 +70,7 @@ def eval_interval(hp: TrainHparams, train_images_per_epoch: int, eval_images: in
     """
     if hp.eval_every:
         return hp.eval_every
-    passes = 6 if (hp.sam_rho > 0 or hp.sam_rho_steps) else 3
+    passes = 6 if hp.uses_sam else 3
     return max(1, math.ceil(eval_images / (EVAL_BUDGET * passes * max(1, train_images_per_epoch))))
 
 
@@ -124,7 +124,7 @@ class Trainer:
                             f"{hp.batch_size} with drop_last: lower batch_size with --set batch_size=N.")
         self.steps_per_epoch = self._steps_per_epoch()
         self.scheduler = self._build_scheduler()
-        self.sam = SAM(self.method.trainable()) if (hp.sam_rho > 0 or hp.sam_rho_steps) else None
+        self.sam = SAM(self.method.trainable()) if hp.uses_sam else None
         self.ema = self._build_ema()  # before compiling: the EMA copy must not share the compiled forward
         if runtime.compile:
             self.method.compile(**({} if runtime.compile_mode == "default" else {"mode": runtime.compile_mode}))
@@ -255,7 +255,7 @@ class Trainer:
                 return {}
             row = self.train_epoch(epoch)
             last = epoch + 1 == self.hp.epochs
-            if (epoch + 1) % self.eval_every == 0 or last:
+            if self.evaluates_after(epoch):
                 metrics = self.evaluate(eval_loader, epoch, keep_logits=last and self.runtime.save_logits)
                 row["eval"] = _summary(metrics)
                 final = metrics if last else None  # the last epoch's evaluation is the final one: run once
@@ -341,6 +341,10 @@ class Trainer:
         return hp.sam_rho_steps[index]
 
     # --- evaluation and results ----------------------------------------------------------------
+    def evaluates_after(self, epoch: int) -> bool:
+        """Whether the test split is evaluated after this 0-based epoch: every ``eval_every`` and the last."""
+        return (epoch + 1) % self.eval_every == 0 or epoch + 1 == self.hp.epochs
+
     def evaluate(self, loader, epoch: int, keep_logits: bool = False) -> dict[str, Any]:
         """Full metrics of the current weights; the best epoch so far is updated."""
         metrics = self._evaluate_full(loader, keep_logits=keep_logits)
