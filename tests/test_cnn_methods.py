@@ -1,5 +1,5 @@
-"""erm_cnn, ldam_drw and paco through the shared engine: they learn, resume exactly, rebuild as teachers from
-their run folder, follow the published schedules epoch by epoch, and resolve the published presets."""
+"""erm_cnn, ldam_drw and paco through the shared engine: they learn (erm_vit too), resume exactly, rebuild as
+teachers from their run folder, follow the published schedules epoch by epoch, and resolve the published presets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ltbench import augment, stages
-from ltbench.engine import Runtime, Trainer
+from ltbench.engine import Runtime, Trainer, _group
 from ltbench.losses import effective_number_weights
 from ltbench.records import run_record
 from ltbench.registry import EVALUATORS, METHODS
@@ -24,19 +24,40 @@ def _runtime(path, **kw) -> Runtime:
 
 @pytest.fixture(scope="module", params=CNN_METHODS)
 def trained(request, tmp_path_factory):
-    """A two-epoch tiny run on `synthetic` (10 classes, rho 10), test logits saved."""
+    """A one-epoch tiny run on a small `synthetic` set (10 classes, rho 10), test logits saved."""
     base = tmp_path_factory.mktemp(request.param)
-    config = stages.make_config(request.param, "synthetic", preset="tiny")
+    config = stages.make_config(request.param, "synthetic", preset="tiny", epochs=1,
+                                sets=["data.n_max=40", "data.n_test=3"])
     return stages.ensure(config, _runtime(base / "run", save_logits=True)), base
 
 
-def test_two_tiny_epochs_beat_chance_clearly(trained):
-    record, _ = trained
-    result = record.result()
-    assert result["final"]["epoch"] == 1 and len(record.metrics()) == 2
-    # 10 classes: chance is 10 %. Seed 0 gives 54.5 / 48.5 / 62 % (erm_cnn / ldam_drw / paco); two epochs of
-    # ~50 steps are noisy (seeds 1-4: 70-91 / 31-59 / 55-59 %), hence the margin.
-    assert result["final"]["heads"]["main"]["top1"] > 25.0
+def fixed_batch_losses(tmp_path, method: str, steps: int, sets: list[str]) -> list[float]:
+    """The training loss of ``steps`` engine steps, all on the same first batch of epoch 0."""
+    config = stages.make_config(method, "synthetic", preset="tiny", sets=sets)
+    runtime = _runtime(tmp_path)
+    trainer = Trainer(config, stages.hparams_of(config), METHODS.get(method), stages.load_data(config, runtime),
+                      EVALUATORS.get("longtail")(), run_record(tmp_path, config), runtime, {})
+    loader = trainer._train_batches(0)
+    batch = next(_group(loader, loader.batch_sampler.group_sizes))
+    trainer.method.on_epoch_start(0)
+    trainer.method.trainable().train()
+    return [float(trainer.step(batch, 0)["loss"]) for _ in range(steps)]
+
+
+# What each method's loss falls to on one repeated batch, as a fraction of its first value. Measured on a 2-core
+# AMD EPYC: erm_cnn and ldam_drw ~0.001, paco 0.22 (its contrastive term keeps new queue keys), erm_vit 0.58;
+# the bounds leave room for the rounding differences between CPU models, which change the trajectory.
+FALLS_TO = {"erm_cnn": 0.2, "ldam_drw": 0.2, "paco": 0.5, "erm_vit": 0.8}
+VIT_FIXED_BATCH = ["auto_augment=", "re_prob=0", "mixup=0", "cutmix=0", "warmup_epochs=0", "batch_size=32"]
+
+
+@pytest.mark.parametrize("method", list(FALLS_TO))
+def test_training_fits_a_fixed_batch(method, tmp_path):
+    """The method learns: a property of any CPU, unlike the accuracy a seed reaches after N steps."""
+    sets = ["workers=0"] + (VIT_FIXED_BATCH if method == "erm_vit" else [])
+    losses = fixed_batch_losses(tmp_path, method, 40 if method == "erm_vit" else 30, sets)
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-3:]) < FALLS_TO[method] * losses[0], losses
 
 
 @pytest.mark.parametrize("method", CNN_METHODS)
