@@ -29,7 +29,7 @@ from ltbench.config import COMPILE_MODES, RunConfig, TrainHparams
 from ltbench.data import LTData
 from ltbench.errors import UserError
 from ltbench.evaluate import Evaluator, predict_split
-from ltbench.method import Method, Upstream
+from ltbench.method import Method, Upstream, compute_loss
 from ltbench.models import count_parameters
 from ltbench.records import RunRecord, atomic_torch_save, atomic_write_json
 from ltbench.sam import SAM
@@ -325,7 +325,7 @@ class Trainer:
         logs: dict[str, torch.Tensor] = {}
         for batch, n in prepared:
             with self._autocast():
-                loss, parts = self.method.loss(batch)
+                loss, parts = compute_loss(self.method, batch)
             (loss * (n * scale)).backward()
             for k, v in {"loss": loss, **parts}.items():
                 logs[k] = logs.get(k, 0) + v.detach().float() * (n / local)

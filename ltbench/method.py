@@ -10,6 +10,12 @@ checkpoints, evaluation). A method says what to train and how to score a batch:
 * ``loss`` returns the scalar to minimise and a few detached tensors to log;
 * ``after_step`` updates non-gradient state (momentum encoders, queues);
 * ``predict`` returns logits per head; ``"main"`` is the one reported.
+
+A batch is whatever ``prepare`` returns. The built-in families differ (``batch_structure`` names it):
+CNN methods (``ERMCNN``, ``LDAMDRW``) keep ``(x, y)``; ViT methods (``ERMViT``) mix once per step and
+pass ``(x, soft_targets, y)``; distilled ViTs (``DeiT``, ``DeiTLT``) append the teacher's labels,
+``(x, soft_targets, y, y_teacher)``. A subclass that overrides ``loss`` alone unpacks its parent's
+structure. ``docs/plugins.md`` has a worked plugin for each family.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from torch import nn
 
 from ltbench.config import RunConfig, TrainHparams
+from ltbench.errors import UserError
 
 if TYPE_CHECKING:
     from ltbench.data import DatasetInfo
@@ -42,7 +49,11 @@ class Method:
     """Base class of method plugins. Subclass, set ``Hparams`` and ``presets``, implement the hooks."""
 
     name: ClassVar[str]
+    # Part of every run id: bump it whenever a change to the method's code changes its numbers, or finished
+    # runs of the old code are reused silently.
     VERSION: ClassVar[int] = 1
+    # What ``prepare`` returns, named for error messages and documentation.
+    batch_structure: ClassVar[str] = "(x, y)"
     Hparams: ClassVar[type[TrainHparams]] = TrainHparams
     # preset name -> {"*": overrides for every dataset, "<dataset>": overrides for that dataset}
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"default": {}}
@@ -53,6 +64,9 @@ class Method:
     data_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, hp: Any, info: DatasetInfo, device: torch.device, upstream: Mapping[str, Upstream]) -> None:
+        """Build the model(s). ``hp`` is an instance of ``Hparams``, ``info`` the dataset's class counts, names,
+        mean/std and number of classes, ``upstream`` the finished runs named by ``requires``. The engine moves
+        every module of ``state_modules`` to ``device`` afterwards."""
         self.hp = hp
         self.info = info
         self.device = device
@@ -85,19 +99,32 @@ class Method:
 
     # --- input pipeline --------------------------------------------------------------------
     def train_transform(self) -> Callable:
+        """The per-image training pipeline: a callable from a PIL image to a tensor (``ltbench.augment`` has the
+        built-in ones). It may return a tuple of tensors for several views, as PaCo does."""
         raise NotImplementedError
 
     def eval_transform(self) -> Callable:
+        """The per-image evaluation pipeline (deterministic): a callable from a PIL image to a tensor."""
         raise NotImplementedError
 
     # --- training hooks --------------------------------------------------------------------
     def on_epoch_start(self, epoch: int) -> None:
+        """Called before each training epoch with its 0-based index (switch phases here, e.g. DRW)."""
         self.epoch = epoch
 
     def prepare(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
+        """Turn one micro-batch of images ``x`` (on the device) and labels ``y`` into what ``loss`` unpacks.
+
+        Runs once per step under ``torch.no_grad``, so SAM's second pass and gradient accumulation see the same
+        batch; random choices (Mixup, teacher labels, momentum keys) belong here. Keep ``batch_structure`` in
+        step with what it returns."""
         return x, y
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The scalar to minimise on one prepared micro-batch, and named extra values to log (may be empty).
+
+        ``batch`` is what ``prepare`` returned (``batch_structure``). The engine weights, accumulates and
+        backpropagates the loss; the method never calls ``backward`` or steps the optimizer."""
         raise NotImplementedError
 
     def after_step(self) -> None:
@@ -105,6 +132,7 @@ class Method:
 
     # --- inference -------------------------------------------------------------------------
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits ``[batch, classes]`` per head for evaluation images; ``"main"`` is the reported one."""
         return {"main": self.trainable()(x)}
 
     # --- records ---------------------------------------------------------------------------
@@ -115,3 +143,39 @@ class Method:
     def diagnostics(self, x: torch.Tensor) -> dict[str, Any]:
         """Optional per-run analysis computed on a fixed evaluation subset."""
         return {}
+
+
+def compute_loss(method: Method, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``method.loss(batch)``, with a clear error when the loss unpacks a batch of another structure."""
+    try:
+        return method.loss(batch)
+    except (TypeError, ValueError) as exc:
+        if "unpack" not in str(exc) or not _raised_in_loss(method, exc):
+            raise
+        cls = type(method)
+        raise UserError(
+            f"Method {getattr(cls, 'name', cls.__name__)!r} ({cls.__module__}.{cls.__qualname__}) could not unpack "
+            f"its batch in loss(): {exc}. The batch is what prepare() returns, {cls.batch_structure} for this "
+            f"class, and here it was {describe_batch(batch)}. CNN methods get (x, y), ViT methods "
+            f"(x, soft_targets, y), distilled ViTs (x, soft_targets, y, y_teacher); unpack the structure of the "
+            f"class you subclass, or override prepare() (docs/plugins.md)."
+        ) from exc
+
+
+def _raised_in_loss(method: Method, exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc`` is a ``loss`` of the method's classes (not code it calls)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    losses = {getattr(vars(c)["loss"], "__code__", None) for c in type(method).__mro__ if "loss" in vars(c)}
+    return tb is not None and tb.tb_frame.f_code in losses
+
+
+def describe_batch(batch: Any) -> str:
+    """A short structural description, e.g. ``a tuple of 2: (Tensor[32, 3, 32, 32] float32, Tensor[32] int64)``."""
+    if isinstance(batch, torch.Tensor):
+        return f"Tensor[{', '.join(map(str, batch.shape))}] {str(batch.dtype).removeprefix('torch.')}"
+    if isinstance(batch, (tuple, list)):
+        items = ", ".join(describe_batch(item) for item in batch)
+        return f"a {type(batch).__name__} of {len(batch)}: ({items})"
+    return type(batch).__name__

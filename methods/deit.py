@@ -79,6 +79,7 @@ class DeiT(ERMViT):
 
     name = "deit"
     Hparams = DeiTHparams
+    batch_structure = "(x, soft_targets, y, y_teacher)"
     presets = VIT_PRESETS
     distilled = True
     data_defaults: ClassVar[dict[str, dict[str, Any]]] = FREQUENCY_SORTED

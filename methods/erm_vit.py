@@ -94,6 +94,7 @@ class ERMViT(Method):
     Hparams = ViTHparams
     presets = VIT_PRESETS
     default_preset = "paper"
+    batch_structure = "(x, soft_targets, y)"  # Mixup/CutMix (or smoothed one-hot) targets, hard labels
     distilled = False
 
     def __init__(self, hp: ViTHparams, info, device, upstream) -> None:

@@ -160,6 +160,7 @@ class PaCo(ERMCNN):
 
     Hparams = PaCoHparams
     presets = {
+    batch_structure = "(query_view, y, keys, queue, queue_labels)"
         "paper": PACO_PAPER,
         "sam": layered(PACO_PAPER, PACO_SAM),
         "short": PACO_SHORT,
