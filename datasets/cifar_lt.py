@@ -42,6 +42,7 @@ class _CIFARLT(Dataset):
     Options = CIFARLTOptions
     VERSION = 1
     num_classes: ClassVar[int]
+    train_images: ClassVar[int] = 50_000  # both originals: balanced, 5000 (CIFAR-10) or 500 (CIFAR-100) per class
     folder: ClassVar[str]
     train_files: ClassVar[tuple[str, ...]]
     test_files: ClassVar[tuple[str, ...]]
@@ -51,6 +52,10 @@ class _CIFARLT(Dataset):
     url: ClassVar[str]
     md5: ClassVar[str]
     paper_split: ClassVar[tuple[int, int]]
+
+    @classmethod
+    def profile_size(cls, options: CIFARLTOptions) -> tuple[int, int]:
+        return cls.train_images // cls.num_classes, cls.num_classes
 
     def load(self) -> LTData:
         portable = subset_path(self.data_root, self.name, self.options.rho, self.options.subsample_seed)
@@ -74,6 +79,11 @@ class _CIFARLT(Dataset):
             extras={"kept_ranks": ranks},
         )
         return LTData(info, InMemorySplit(train_x[kept], train_y[kept]), InMemorySplit(test_x, test_y), kept)
+
+    @classmethod
+    def train_counts(cls, options: CIFARLTOptions) -> list[int]:
+        """Per-class training counts without reading the batches (the originals are balanced, 50,000 images)."""
+        return exp_profile_counts(50000 / cls.num_classes, cls.num_classes, options.rho)
 
     def _originals_present(self) -> bool:
         return any((c / self.train_files[0]).is_file() for c in (self.data_root / self.folder, self.data_root))

@@ -33,13 +33,22 @@ class SyntheticLT(Dataset):
     Options = SyntheticOptions
     VERSION = 1
 
+    @classmethod
+    def train_counts(cls, options: SyntheticOptions) -> list[int]:
+        """Per-class training counts (every class keeps at least one image)."""
+        return [max(1, c) for c in exp_profile_counts(options.n_max, options.num_classes, options.rho)]
+
+    @classmethod
+    def profile_size(cls, options: SyntheticOptions) -> tuple[int, int]:
+        return options.n_max, options.num_classes
+
     def load(self) -> LTData:
         opt = self.options
         if opt.num_classes < 2 or opt.n_max < 1 or opt.n_test < 1 or opt.image_size < 8:
             raise UserError("synthetic needs num_classes >= 2, n_max >= 1, n_test >= 1 and image_size >= 8.")
         rng = np.random.RandomState(opt.data_seed)
         templates = _templates(rng, opt.num_classes, opt.image_size)
-        counts = [max(1, c) for c in exp_profile_counts(opt.n_max, opt.num_classes, opt.rho)]
+        counts = self.train_counts(opt)
         train_y = np.repeat(np.arange(opt.num_classes), counts)
         test_y = np.repeat(np.arange(opt.num_classes), opt.n_test)
         train_x = _render(rng, templates, train_y, opt.noise)

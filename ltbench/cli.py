@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +46,28 @@ def runtime_options(func):
         click.option("--download", is_flag=True, help="Download the dataset first if it is missing (needs internet)."),
         click.option("--augment-on", type=click.Choice(["auto", "device", "cpu"]), default="auto", show_default=True,
                      help="Where per-image augmentation runs; auto = on the GPU for in-memory datasets."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Torch CPU threads (default: the CPUs this process may use; in a sweep, each run's CPUs)."),
+        click.option("--quiet", is_flag=True, help="No live progress bar: one line per epoch instead, as in a log."),
     ]
     for opt in reversed(opts):
         func = opt(func)
     return func
+
+
+def _log_backends(ctx, param, value) -> tuple[str, ...]:
+    from ltbench.tracking import parse_backends
+
+    try:
+        return parse_backends(value)
+    except UserError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+LOG_OPTION = click.option(
+    "--log", "log", multiple=True, callback=_log_backends, metavar="tensorboard|csv|wandb|mlflow",
+    help="Also log each epoch to experiment trackers (repeatable or comma-separated); tensorboard and csv write "
+         "into the run folder. Does not change the run id.")
 
 
 def make_runtime(data_root, results, device, compile_, micro_batch, workers, download, quiet, augment_on="auto",
@@ -55,32 +75,74 @@ def make_runtime(data_root, results, device, compile_, micro_batch, workers, dow
     from ltbench.data import default_data_root
     from ltbench.engine import Runtime
 
-    if device != "auto" and device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device} was asked for, but PyTorch sees no CUDA GPU here. Use --device cpu.")
+    check_device(device)
     return Runtime(results=Path(results).resolve(), data_root=(data_root or default_data_root()).resolve(),
                    device=device, compile=compile_ or compile_mode != "default", compile_mode=compile_mode,
                    micro_batch=micro_batch, workers=workers, download=download, augment_on=augment_on,
                    progress=not quiet,
-                   echo=lambda msg: err_console.print(msg, highlight=False), **extra)
+                   echo=_say, **extra)
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(device: str) -> None:
+    """Refuse a --device torch cannot use here, before any data is loaded."""
+    if not DEVICE.fullmatch(device):
+        raise UserError(f"--device {device!r} is not a device name: use auto, cpu, cuda, cuda:N or mps.")
+    if device.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise UserError(f"--device {device} was asked for, but PyTorch sees no CUDA GPU here. Use --device cpu.")
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            raise UserError(f"--device {device} was asked for, but PyTorch sees {count} CUDA GPU(s): "
+                            f"cuda:0 to cuda:{count - 1}.")
+    if device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise UserError("--device mps was asked for, but PyTorch sees no Apple-silicon GPU here. Use --device cpu.")
 
 
 class LTGroup(click.Group):
-    """Turns UserError into a one-paragraph message and exit code 2."""
+    """Turns UserError and OSError into a one-paragraph message and a non-zero exit, Ctrl-C into a resume hint.
+
+    ``--debug`` (or LTBENCH_DEBUG=1) shows the traceback instead.
+    """
 
     def invoke(self, ctx):
+        debug = ctx.params.get("debug") or os.environ.get("LTBENCH_DEBUG", "") not in ("", "0")
         try:
             return super().invoke(ctx)
-        except UserError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(2)
+        except (UserError, OSError) as exc:
+            if debug:
+                raise
+            text = str(exc) if isinstance(exc, UserError) else os_error_text(exc)
+            err_console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
+            sys.exit(2 if isinstance(exc, UserError) else 1)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            err_console.print("Interrupted. Finished epochs are kept: run the same command again to resume from the "
+                              "last checkpoint.", highlight=False, soft_wrap=True)
+            sys.exit(130)
+
+
+def os_error_text(exc: OSError) -> str:
+    """One line: the reason and the path(s), e.g. ``Permission denied: results/runs/ab12``."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    reason = exc.strerror or type(exc).__name__
+    text = f"{reason}: {paths}" if paths else f"{reason} ({exc})"
+    return text + " (--debug shows the traceback)"
 
 
 @click.group(cls=LTGroup)
 @click.version_option(package_name="ltbench")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (also LTBENCH_DEBUG=1).")
+def main(debug: bool) -> None:
     """ltbench: train, reproduce and compare long-tailed recognition methods under one protocol."""
 
 
@@ -90,14 +152,18 @@ def main() -> None:
 @click.option("--rho", type=float, default=None, help="Imbalance ratio n_max/n_min (>= 1).")
 @click.option("--save-logits", is_flag=True, help="Also save the final test logits (test_logits.npz).")
 @click.option("--stop-after-epochs", type=int, default=None, help="Stop after N epochs, resumable (time-boxed jobs).")
+@LOG_OPTION
 @runtime_options
 def run(method, dataset, rho, seed, preset, epochs, sets, save_logits, stop_after_epochs, **rt) -> None:
     """Train and evaluate one method on one dataset (resumes or reuses a run with the same config)."""
     from ltbench import stages
+    from ltbench.records import run_record
 
     config = stages.make_config(method, dataset, rho=rho, seed=seed, preset=preset, epochs=epochs, sets=sets)
     runtime = make_runtime(**rt, save_logits=save_logits, stop_after_epochs=stop_after_epochs)
-    record = stages.ensure(config, runtime)
+    if run_record(runtime.results, config).done:
+        _say(f"Run {config.run_id} already finished, nothing trained.")
+    record = stages.ensure_or_retry_eagerly(config, runtime)
     if not record.done:
         err_console.print(f"Stopped after {stop_after_epochs} epoch(s); run the same command to resume {record.path}")
         return
@@ -172,6 +238,7 @@ def eval_(run_ref, heads, recompute, **rt) -> None:
 @click.option("--max-failures", type=int, default=1, show_default=True,
               help="Retries of a failed run before it is reported as failed.")
 @click.option("--dry-run", is_flag=True, help="Print the grid and what is already done; train nothing.")
+@LOG_OPTION
 @runtime_options
 def sweep(grid_file, methods, datasets, rho, seeds, preset, epochs, sets, save_logits, stop_after_epochs,
           gpus_per_trial, cpus_per_trial, address, max_failures, dry_run, **rt) -> None:
@@ -211,6 +278,139 @@ def sweep(grid_file, methods, datasets, rho, seeds, preset, epochs, sets, save_l
 for _opt in reversed(COMMON_RUN_OPTIONS[1:]):  # --preset, --epochs, --set; sweeps take --seeds instead of --seed
     sweep = _opt(sweep)
 main.add_command(sweep)
+
+
+@main.command()
+@click.argument("suite", required=False)
+@click.option("--list", "list_suites", is_flag=True, help="List the shipped suites: size, state, projected GPU hours.")
+@click.option("--dry-run", is_flag=True, help="Print the runs, their state and projected GPU hours; train nothing.")
+@click.option("--no-train", is_flag=True, help="Judge the runs already in --results; train nothing (absent = MISSING).")
+@click.option("--datasets", default=None,
+              help="Train every grid on these datasets instead (e.g. synthetic for a CPU rehearsal of a GPU suite).")
+@click.option("--epochs", type=int, default=None, help="Override every grid's epochs (a rehearsal, not the claim).")
+@click.option("--set", "sets", multiple=True, metavar="[METHOD:]KEY=VALUE",
+              help="Add a --set to every grid (METHOD:KEY=VALUE: to that method's runs only).")
+@click.option("--gpus-per-trial", type=float, default=None,
+              help="GPUs per run (default: the suite's, else 1 with GPUs); a fraction shares a GPU.")
+@click.option("--cpus-per-trial", type=float, default=None, help="CPUs per run (default: as in `ltbench sweep`).")
+@click.option("--address", default=None, help="Join this Ray cluster instead of starting a local Ray.")
+@click.option("--max-failures", type=int, default=None, help="Retries of a failed run (default: the suite's, else 1).")
+@runtime_options
+def reproduce(suite, list_suites, dry_run, no_train, datasets, epochs, sets, gpus_per_trial, cpus_per_trial, address,
+              max_failures, **rt) -> None:
+    """Train a reproduction SUITE (a shipped name or a YAML file) like a sweep, then check its published claims.
+
+    Prints a verdict table (expectation, source, measured, expected, tolerance, PASS / FAIL / MISSING) and
+    writes it as Markdown and JSON to RESULTS/reproduce/SUITE/. Finished runs are reused and interrupted ones
+    resume, so running it again trains only what is missing. Exit status 0 when every expectation passes,
+    1 otherwise. Runtime options left at their defaults take the suite's `runtime` values.
+    """
+    from ltbench import reproduce as rpd
+    from ltbench import sweep as sw
+
+    if list_suites:
+        _list_suites(rt["results"])
+        return
+    if not suite:
+        raise click.UsageError("Name a suite (ltbench reproduce --list shows them) or give a suite file.")
+    loaded = rpd.load_suite(suite)
+    resource_values = _suite_defaults(loaded.runtime, rt, gpus_per_trial=gpus_per_trial,
+                                      cpus_per_trial=cpus_per_trial, max_failures=max_failures)
+    runtime = make_runtime(**rt)
+    plan, cells = rpd.plan_suite(loaded, runtime.results, rpd.Overrides(datasets, epochs, tuple(sets)))
+    upstream = sum(not j.requested for j in plan.jobs.values())
+    _say(f"suite {loaded.name} ({loaded.path}): {len(plan.jobs)} run(s) ({upstream} upstream), "
+         f"{len(loaded.expectations)} expectation(s): {sw.summarize(plan.jobs.values())}")
+    if dry_run:
+        _print_suite_plan(loaded, plan)
+        return
+    started, code = time.time(), 0
+    if plan.todo() and not no_train:
+        resources = sw.Resources(address=address, **resource_values)
+        with sw.LiveView(plan, err_console) as view:
+            outcome = sw.run_sweep(plan, runtime, resources, view)
+        code = _sweep_problems(outcome)
+    plan.refresh()
+    verdicts = rpd.judge(loaded, plan, cells)
+    header = rpd.run_header(plan, time.time() - started, _device_text(runtime))
+    folder = rpd.write_verdicts(loaded, verdicts, plan, header)
+    _print_verdicts(loaded, verdicts)
+    _say(f"verdict: {folder / 'verdict.md'} and verdict.json")
+    sys.exit(code if code == 130 else rpd.exit_code(verdicts))
+
+
+def _suite_defaults(suite_runtime: dict[str, Any], rt: dict[str, Any], **resources: Any) -> dict[str, Any]:
+    """Fill runtime options the command line left at their defaults from the suite (in ``rt``, in place);
+    return the Ray resource options, likewise."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    names = {"compile": "compile_"}
+    explicit_no_compile = ctx.get_parameter_source("compile_") == ParameterSource.COMMANDLINE and not rt["compile_"]
+    for key, value in suite_runtime.items():
+        param = names.get(key, key)
+        left_default = param in rt and ctx.get_parameter_source(param) == ParameterSource.DEFAULT
+        if left_default and not (explicit_no_compile and key == "compile_mode"):
+            rt[param] = value
+    defaults = {"gpus_per_trial": None, "cpus_per_trial": None, "max_failures": 1}
+    return {key: value if value is not None else suite_runtime.get(key, defaults[key])
+            for key, value in resources.items()}
+
+
+def _device_text(runtime) -> str:
+    device = runtime.torch_device()
+    if device.type != "cuda":
+        return f"{device} ({os.cpu_count()} CPU cores)"
+    import torch
+
+    return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
+def _print_suite_plan(suite, plan) -> None:
+    from ltbench import reproduce as rpd
+
+    table = rpd.throughput_table()
+    hours = {j.run_id: rpd.projected_hours(j, table) for j in plan.jobs.values()}
+    extra = {rid: {"GPU h": "n/a" if h is None else f"{h:.2f}"} for rid, h in hours.items()}
+    _print_jobs(plan.jobs.values(), title=f"suite {suite.name} (dry run) -> {plan.results}", extra=extra)
+    known = [h for h in hours.values() if h is not None]
+    unknown = len(hours) - len(known)
+    _say(f"projected: {sum(known):.2f} GPU hours for what is not done" +
+         (f" ({unknown} run(s) n/a)" if unknown else ""))
+    _say(rpd.PROJECTION_TEXT, style="dim")
+    for expectation in suite.expectations:
+        _say(f"expects: {expectation.name}  [{expectation.source}]", style="dim")
+
+
+def _list_suites(results: Path) -> None:
+    from ltbench import reproduce as rpd
+
+    table = Table(title="reproduction suites (ltbench reproduce SUITE)")
+    for col in ("suite", "runs", "expectations", "projected GPU h", "description"):
+        table.add_column(col, justify="right" if col in ("runs", "expectations", "projected GPU h") else "left")
+    throughput = rpd.throughput_table()
+    for name, path in sorted(rpd.shipped_suites().items()):
+        suite = rpd.load_suite(str(path))
+        plan, _ = rpd.plan_suite(suite, results)
+        hours = [rpd.projected_hours(j, throughput) for j in plan.jobs.values()]
+        known = sum(h for h in hours if h is not None)
+        cost = "n/a (CPU)" if all(h is None for h in hours) else f"{known:.2f}" + ("+" if None in hours else "")
+        table.add_row(name, str(len(plan.jobs)), str(len(suite.expectations)), cost, suite.description)
+    console.print(table)
+    console.print(rpd.PROJECTION_TEXT, style="dim", highlight=False)
+
+
+def _print_verdicts(suite, verdicts) -> None:
+    style = {"PASS": "green", "FAIL": "red", "MISSING": "yellow"}
+    passed = sum(v.status == "PASS" for v in verdicts)
+    table = Table(title=f"ltbench reproduce {suite.name}: {passed}/{len(verdicts)} pass")
+    for col in ("expectation", "source", "measured", "expected", "tolerance", "verdict"):
+        table.add_column(col)
+    for v in verdicts:
+        note = f"\n({'; '.join(v.notes)})" if v.notes else ""
+        table.add_row(v.expectation.name + note, v.expectation.source, v.measured, v.expected, v.tolerance,
+                      f"[{style[v.status]}]{v.status}[/]")
+    console.print(table)
 
 
 @main.command()
@@ -265,11 +465,12 @@ def _say(message: str, **style) -> None:
     err_console.print(message, highlight=False, soft_wrap=True, **style)
 
 
-def _print_jobs(jobs, title: str) -> None:
-    """An aligned plain-text table (it stays readable in logs and narrow terminals)."""
+def _print_jobs(jobs, title: str, extra: dict[str, dict[str, str]] | None = None) -> None:
+    """An aligned plain-text table (it stays readable in logs and narrow terminals); ``extra`` adds columns
+    per run id."""
     from ltbench.sweep import describe_job
 
-    rows = [describe_job(j) for j in jobs]
+    rows = [{**describe_job(j), **(extra or {}).get(j.run_id, {})} for j in jobs]
     if not rows:
         return
     widths = {col: max(len(col), *(len(r[col]) for r in rows)) for col in rows[0]}
@@ -282,6 +483,13 @@ def _print_jobs(jobs, title: str) -> None:
 
 
 def _sweep_epilogue(outcome) -> None:
+    code = _sweep_problems(outcome)
+    if code:
+        sys.exit(code)
+
+
+def _sweep_problems(outcome) -> int:
+    """Print the runs a sweep left unfinished and why; the exit status that calls for (0: none)."""
     from rich.markup import escape
 
     plan = outcome.plan
@@ -304,12 +512,13 @@ def _sweep_epilogue(outcome) -> None:
     _say(f"{done}/{len(plan.jobs)} run(s) done; Ray's files: {plan.sweep_dir}")
     if outcome.failed or outcome.blocked:
         _say("Fix the cause and run the same command again: finished runs are kept.")
-        sys.exit(1)
+        return 1
     if outcome.interrupted:
         _say("Interrupted: run the same command again to resume the unfinished runs.")
-        sys.exit(130)
+        return 130
     if unfinished:
         _say("Stopped by --stop-after-epochs: run the same command to continue.")
+    return 0
 
 
 @main.command(name="list")

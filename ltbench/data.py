@@ -8,6 +8,7 @@ Places-LT); the input pipeline in :mod:`ltbench.augment` knows how to feed both.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -96,10 +97,23 @@ class Dataset:
         raise NotImplementedError
 
     @classmethod
+    def profile_size(cls, options: Any) -> tuple[int, int] | None:
+        """(images of the largest class before subsampling, number of classes), when known without loading
+        the data; it bounds rho, since the rarest class keeps about n_max / rho images."""
+        return None
+
+    @classmethod
     def validate_options(cls, options: Any) -> None:
         rho = getattr(options, "rho", None)
-        if rho is not None and not rho >= 1:
-            raise UserError(f"The imbalance ratio rho must be >= 1 (rho = n_max / n_min), got {rho}.")
+        if rho is None:
+            return
+        if not (rho >= 1 and math.isfinite(rho)):
+            raise UserError(f"The imbalance ratio rho must be a finite number >= 1 (rho = n_max / n_min), got {rho}.")
+        size = cls.profile_size(options)
+        if size and min(exp_profile_counts(size[0], size[1], rho)) < 1:
+            raise UserError(f"rho={rho:g} leaves the rarest class of {cls.name} with no training image (its largest "
+                            f"class has {size[0]}, the rarest keeps n_max / rho). The largest valid rho for "
+                            f"{cls.name} here is {size[0]}.")
 
 
 def default_data_root() -> Path:

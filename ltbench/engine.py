@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import random
 import time
 from collections.abc import Iterable, Iterator
@@ -22,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ltbench import augment, distributed
 from ltbench.config import COMPILE_MODES, RunConfig, TrainHparams
@@ -31,6 +31,7 @@ from ltbench.errors import UserError
 from ltbench.evaluate import Evaluator, predict_split
 from ltbench.method import Method, Upstream, compute_loss
 from ltbench.models import count_parameters
+from ltbench.progress import RunMonitor
 from ltbench.records import RunRecord, atomic_torch_save, atomic_write_json
 from ltbench.sam import SAM
 
@@ -51,7 +52,17 @@ class Runtime:
     stop_after_epochs: int | None = None  # leave the run resumable after this many epochs (time-boxed jobs)
     download: bool = False
     augment_on: str = "auto"  # auto (device for in-memory data on a GPU) | device | cpu
+    threads: int | None = None  # torch intra-op threads; None = the CPUs this process was given
+    log: tuple[str, ...] = ()  # experiment trackers, names from ltbench.tracking.BACKENDS
     echo: Any = field(default=print, repr=False)
+
+    def cpu_threads(self) -> int:
+        """``threads``, else torch's default (all cores) capped by the CPUs this process may run on (its CPU
+        affinity: a taskset, SLURM or container allocation), so concurrent runs do not oversubscribe."""
+        if self.threads:
+            return self.threads
+        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(torch.get_num_threads(), allowed))
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -105,6 +116,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         self.amp = autocast_dtype(self.device)
+        torch.set_num_threads(runtime.cpu_threads())
         seed_everything(seed_hash(config.seed, "init"))
         self.method = method_cls(hp, data.info, self.device, upstream)
         for module in self.method.state_modules().values():
@@ -231,14 +243,18 @@ class Trainer:
         }
 
     def restore(self, ckpt: dict[str, Any]) -> None:
-        for name, module in self.method.state_modules().items():
-            module.load_state_dict(ckpt["modules"][name])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.ema and ckpt.get("ema"):
-            self.ema.load_state_dict(ckpt["ema"])
-        self.start_epoch, self.best = ckpt["epoch"], ckpt["best"]
-        self.train_time, self.train_images = ckpt["train_time"], ckpt["train_images"]
+        try:
+            for name, module in self.method.state_modules().items():
+                module.load_state_dict(ckpt["modules"][name])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.ema and ckpt.get("ema"):
+                self.ema.load_state_dict(ckpt["ema"])
+            self.start_epoch, self.best = ckpt["epoch"], ckpt["best"]
+            self.train_time, self.train_images = ckpt["train_time"], ckpt["train_images"]
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # missing entries, tensor shape mismatch
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise self.record.checkpoint_error(f"it does not match this run's configuration: {reason}") from exc
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -246,23 +262,25 @@ class Trainer:
         if ckpt is not None:
             self.restore(ckpt)
             self.runtime.echo(f"Resuming {self.record.run_id} from epoch {self.start_epoch}.")
-        rows = [r for r in self.record.metrics() if r["epoch"] < self.start_epoch]
+        rows = [r for r in self.record.metrics(note=self.runtime.echo) if r["epoch"] < self.start_epoch]
         if self.dist.is_main:
             self.record.write_metrics(rows)
         eval_loader, final = self._eval_loader(), None
-        for epochs_this_call, epoch in enumerate(range(self.start_epoch, self.hp.epochs)):
-            if self.runtime.stop_after_epochs is not None and epochs_this_call >= self.runtime.stop_after_epochs:
-                return {}
-            row = self.train_epoch(epoch)
-            last = epoch + 1 == self.hp.epochs
-            if self.evaluates_after(epoch):
-                metrics = self.evaluate(eval_loader, epoch, keep_logits=last and self.runtime.save_logits)
-                row["eval"] = _summary(metrics)
-                final = metrics if last else None  # the last epoch's evaluation is the final one: run once
-            rows.append(row)
-            if self.dist.is_main:
-                self.record.write_metrics(rows)
-                atomic_torch_save(self.record.checkpoint_path, self.state(epoch + 1))
+        with RunMonitor(self, rows) as self.monitor:
+            for epochs_this_call, epoch in enumerate(range(self.start_epoch, self.hp.epochs)):
+                if self.runtime.stop_after_epochs is not None and epochs_this_call >= self.runtime.stop_after_epochs:
+                    return {}
+                row = self.train_epoch(epoch)
+                last = epoch + 1 == self.hp.epochs
+                if self.evaluates_after(epoch):
+                    metrics = self.evaluate(eval_loader, epoch, keep_logits=last and self.runtime.save_logits)
+                    row["eval"] = _summary(metrics)
+                    final = metrics if last else None  # the last epoch's evaluation is the final one: run once
+                rows.append(row)
+                if self.dist.is_main:
+                    self.record.write_metrics(rows)
+                    atomic_torch_save(self.record.checkpoint_path, self.state(epoch + 1))
+                self.monitor.epoch_done(row)
         return self.finish(eval_loader, rows, final)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -438,43 +456,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
 
     def _progress(self, epoch: int):
-        return _EpochProgress(self, epoch)
-
-
-class _EpochProgress:
-    """A rich progress bar for one epoch; reads device values (a host sync) at most every ``every_s`` seconds,
-    so fast small-model steps keep the GPU queue full."""
-
-    every_s = 2.0
-
-    def __init__(self, trainer: Trainer, epoch: int) -> None:
-        self.trainer, self.epoch = trainer, epoch
-        self.enabled = trainer.runtime.progress and trainer.dist.is_main
-        self.last_read = -float("inf")
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda *args: None
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                            TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[stats]}"),
-                            TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
-        self.bar.__enter__()
-        self.task = self.bar.add_task(f"epoch {self.epoch + 1}/{self.trainer.hp.epochs}",
-                                      total=self.trainer.steps_per_epoch, stats="")
-        return self.update
-
-    def update(self, step: int, sums: dict[str, torch.Tensor], images: int, elapsed: float) -> None:
-        stats = None
-        if elapsed - self.last_read >= self.every_s or step + 1 == self.trainer.steps_per_epoch:
-            self.last_read = elapsed
-            loss = float(sums.get("loss", 0.0)) / (step + 1)
-            lr = self.trainer.optimizer.param_groups[0]["lr"]
-            stats = f"loss {loss:.4f}  lr {lr:.2e}  {images / max(elapsed, 1e-9):,.0f} img/s"
-        self.bar.update(self.task, completed=step + 1, **({"stats": stats} if stats else {}))
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
+        return self.monitor.epoch_bar(epoch)
 
 
 def _group(loader: Iterable, sizes: list[int]) -> Iterator[list]:

@@ -11,34 +11,82 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from ltbench.config import RunConfig
 from ltbench.errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+
 CHECKPOINT = "checkpoint.pt"
 DONE = "DONE"
+LOCK = ".lock"
+TMP_SUFFIX = ".tmp"  # atomic writes go through .<name>.<random>.tmp next to the target
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; run folders get the mode any other file of this process would get (0644 under
+# the usual umask 022), so a team can share a results folder. Read once: os.umask can only be read by setting it.
+FILE_MODE = 0o666 & ~_process_umask()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename: without this a power cut can forget it even though the file's data is on disk."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _replaced_atomically(path: Path) -> Iterator[BinaryIO]:
+    """A temporary file next to ``path``; once written it is fsynced and renamed over ``path``.
+
+    A failure (a kill, a full disk, no permission) leaves ``path`` as it was; an OSError becomes a
+    UserError naming the file and the reason.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
+    try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from exc
         raise
+
+
+def write_error(path: Path, exc: OSError) -> UserError:
+    return UserError(f"Could not write {path}: {exc.strerror or exc}. Nothing was replaced (the previous version "
+                     f"of the file, if any, is intact); fix that and run the same command again (an interrupted run "
+                     f"resumes from its last checkpoint).")
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    with _replaced_atomically(path) as fh:
+        fh.write(payload)
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
@@ -46,15 +94,11 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 
 def atomic_torch_save(path: Path, state: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    import torch  # here, not at the top: reports read run folders without importing torch
+
+    # Through a Python file object, a full disk is an OSError (ENOSPC) rather than a C++ stream error.
+    with _replaced_atomically(path) as fh:
+        torch.save(state, fh)
 
 
 @dataclass
@@ -76,6 +120,11 @@ class RunRecord:
         return self.path / CHECKPOINT
 
     def config(self) -> RunConfig:
+        """The run's configuration, refused when config.json does not describe what the folder holds."""
+        problem = config_problem(self.path)
+        if problem:
+            raise UserError(f"Run folder {self.path} cannot be used: {problem}. Restore its original config.json, "
+                            f"or move the folder away (the same settings then train a fresh run).")
         return RunConfig.from_dict(self.read_json("config.json"))
 
     def result(self) -> dict[str, Any]:
@@ -87,11 +136,29 @@ class RunRecord:
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"Run folder {self.path} has no readable {name} ({exc}).") from exc
 
-    def metrics(self) -> list[dict[str, Any]]:
+    def metrics(self, note: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+        """The per-epoch rows; a torn last line (what a crash mid-append leaves) is skipped with a note."""
         path = self.path / "metrics.jsonl"
-        if not path.exists():
+        try:
+            lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+        except FileNotFoundError:
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for n, line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if n == lines[-1][0]:
+                    if note:
+                        note(f"note: ignored the torn last line {n} of {path} (a crash mid-write leaves one).")
+                    break
+                raise UserError(f"{path} line {n} is not valid JSON ({exc.msg}): the file is corrupt, not just "
+                                f"torn at its end. Restore it from a copy, or move the run folder away.") from exc
+            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                raise UserError(f"{path} line {n} is not a metrics row (a JSON object with an integer epoch): "
+                                f"the file is corrupt. Restore it from a copy, or move the run folder away.")
+            rows.append(row)
+        return rows
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite metrics.jsonl atomically (on resume it is truncated to the checkpoint's epoch)."""
@@ -99,23 +166,63 @@ class RunRecord:
         atomic_write_bytes(self.path / "metrics.jsonl", lines.encode())
 
     def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        """The latest checkpoint, None before the first epoch ends; an unreadable one is a UserError."""
+        import torch
+
         if not self.checkpoint_path.exists():
             return None
-        return torch.load(self.checkpoint_path, map_location=map_location, weights_only=True)
+        try:
+            ckpt = torch.load(self.checkpoint_path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
+            raise self.checkpoint_error(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
+                from exc
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("epoch"), int) or "modules" not in ckpt:
+            raise self.checkpoint_error("not an ltbench checkpoint: no epoch or modules")
+        return ckpt
+
+    def checkpoint_error(self, reason: str) -> UserError:
+        """Never discard a checkpoint silently: say what is wrong and how to retrain from scratch."""
+        return UserError(f"The checkpoint {self.checkpoint_path} cannot be used ({reason}). Nothing was discarded. "
+                         f"To retrain this run from epoch 0, delete that file (rm {self.checkpoint_path}) and run "
+                         f"the same command again.")
 
     def mark_done(self) -> None:
         atomic_write_bytes(self.path / DONE, b"")
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive lock so that two processes (e.g. sweep trials sharing a teacher) never train one run twice."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        """Exclusive lock so that two processes (e.g. sweep trials sharing a teacher) never train one run twice.
+
+        The holder removes temporaries that a killed writer left behind; a failure before anything was
+        written (e.g. the data did not load) removes the folder again, so no empty run folder remains.
+        """
+        fh = self._acquire()
+        try:
+            for stale in self.path.glob(f".*{TMP_SUFFIX}"):
+                stale.unlink(missing_ok=True)
+            yield
+        except BaseException:
+            if {p.name for p in self.path.iterdir()} <= {LOCK}:
+                with contextlib.suppress(OSError):
+                    (self.path / LOCK).unlink()
+                    self.path.rmdir()
+            raise
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+    def _acquire(self) -> IO[str]:
+        while True:
             try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                self.path.mkdir(parents=True, exist_ok=True)
+                fh = open(self.path / LOCK, "a")  # noqa: SIM115 - held until lock() releases it
+            except OSError as exc:
+                raise write_error(self.path / LOCK, exc) from exc
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fh.fileno()).st_ino == os.stat(self.path / LOCK).st_ino:
+                    return fh
+            fh.close()  # the previous holder removed its empty folder while we waited: lock the new one
 
 
 def runs_dir(results: Path) -> Path:
@@ -126,18 +233,55 @@ def run_record(results: Path, config: RunConfig) -> RunRecord:
     return RunRecord(runs_dir(results) / config.run_id)
 
 
+RUN_ID_PREFIX = re.compile(r"[0-9a-f]{4,12}")
+
+
 def find_run(results: Path, ref: str) -> RunRecord:
-    """A run by folder path, run id, or unique run-id prefix."""
-    candidate = Path(ref)
-    if (candidate / "config.json").is_file():
-        return RunRecord(candidate.resolve())
-    base = runs_dir(results)
-    matches = sorted(p for p in base.glob(f"{ref}*") if (p / "config.json").is_file()) if base.is_dir() else []
-    if len(matches) == 1:
-        return RunRecord(matches[0])
+    """A run by run id, unambiguous run-id prefix (4+ characters), or path to a run folder (with a ``/``).
+
+    The run's config.json is checked to hash to its folder name, so an edited or deleted one is refused.
+    """
+    if "/" in ref or os.sep in ref:
+        folder = Path(ref).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"No run folder {ref!r}: that path is not a folder.")
+        record = RunRecord(folder.resolve())
+    elif RUN_ID_PREFIX.fullmatch(ref):
+        record = RunRecord(_one_match(runs_dir(results), ref))
+    else:
+        raise UserError(f"{ref!r} is not a run reference: give a run id, an unambiguous prefix of at least 4 of "
+                        f"its characters (0-9, a-f), or a path to a run folder (containing a /, e.g. ./{ref}).")
+    record.config()  # refuses a folder whose config.json is missing or does not hash to its name
+    return record
+
+
+def _one_match(base: Path, prefix: str) -> Path:
+    matches = sorted(p for p in base.iterdir() if p.is_dir() and p.name.startswith(prefix)) if base.is_dir() else []
     if not matches:
-        raise UserError(f"No run {ref!r}: it is neither a run folder nor a run id under {base}.")
-    raise UserError(f"Run id prefix {ref!r} is ambiguous under {base}: {', '.join(m.name for m in matches)}.")
+        raise UserError(f"No run {prefix!r} under {base}: no run id starts with it.")
+    if len(matches) > 1:
+        raise UserError(f"Run id prefix {prefix!r} is ambiguous under {base}; it matches "
+                        f"{', '.join(m.name for m in matches)}. Give more characters.")
+    return matches[0]
+
+
+def config_problem(folder: Path) -> str | None:
+    """Why ``folder/config.json`` cannot be trusted to describe what the folder holds, or None.
+
+    The run id is the hash of the config, so a config.json that does not hash to its folder's name was
+    edited (or the folder renamed): the numbers in the folder were produced by another configuration.
+    """
+    path = folder / "config.json"
+    if not path.is_file():
+        return "it has no config.json (deleted?), so what it trained is unknown"
+    try:
+        run_id = RunConfig.from_dict(json.loads(path.read_text())).run_id
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        return f"its config.json is unreadable ({type(exc).__name__}: {exc})"
+    if run_id != folder.name:
+        return (f"its config.json hashes to run id {run_id}, not to the folder's name {folder.name}: it was edited "
+                f"(or the folder renamed), so it no longer describes what was trained")
+    return None
 
 
 def iter_runs(results: Path) -> Iterator[RunRecord]:

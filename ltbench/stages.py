@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ltbench import config as cfgmod
@@ -20,7 +20,7 @@ from ltbench.data import Dataset, LTData
 from ltbench.engine import Runtime, Trainer
 from ltbench.errors import UserError
 from ltbench.method import Method, Upstream
-from ltbench.records import RunRecord, atomic_write_json, find_run, run_record
+from ltbench.records import RunRecord, atomic_write_json, find_run, run_record, runs_dir
 from ltbench.registry import DATASETS, EVALUATORS, METHODS
 
 
@@ -31,6 +31,7 @@ def make_config(method: str, dataset: str, *, rho: float | None = None, seed: in
     method_cls: type[Method] = METHODS.get(method)
     dataset_cls: type[Dataset] = DATASETS.get(dataset)
     set_hparams, set_data = cfgmod.parse_set_options(sets)
+    _reject_runtime_sets(method_cls, set_hparams)
     defaults = {k: v for k, v in method_cls.data_defaults.get(dataset, {}).items()
                 if k in cfgmod.field_types(dataset_cls.Options)}
     options = _dataset_options(dataset_cls, rho, {**defaults, **(data_options or {}), **set_data})
@@ -44,17 +45,44 @@ def make_config(method: str, dataset: str, *, rho: float | None = None, seed: in
                      seed=int(seed), preset=preset, versions=versions)
 
 
+def _reject_runtime_sets(method_cls: type[Method], keys: Iterable[str]) -> None:
+    """``--set device=cpu`` and the like: say which option to use instead of "unknown key"."""
+    fields = cfgmod.field_types(method_cls.Hparams)
+    for key in keys:
+        if key in cfgmod.RUNTIME_OPTIONS and key not in fields:
+            raise UserError(f"{key} is a runtime option, not a hyperparameter (it never changes the run id): give "
+                            f"it as --{key.replace('_', '-')} instead of --set {key}=...")
+
+
 def resolve_hparams(method_cls: type[Method], preset: str, dataset: str, epochs: int | None,
                     overrides: Mapping[str, Any]) -> Any:
+    """Defaults, then each layer of the preset, then ``--epochs`` and ``--set`` as one layer (``--set`` wins).
+
+    A layer that changes ``epochs`` rescales the schedule's epoch points it does not set itself
+    (:func:`ltbench.config.rescale_epochs`), so ``--epochs N`` shortens a recipe without breaking it."""
+    what = f"{method_cls.name} hyperparameter"
     hp = method_cls.Hparams()
-    table = method_cls.presets[preset]
-    for layer in (table.get("*", {}), table.get(dataset, {})):
-        hp = cfgmod.apply_overrides(hp, layer, f"{method_cls.name} hyperparameter")
-    if epochs is not None:
-        hp = cfgmod.apply_overrides(hp, {"epochs": epochs}, "hyperparameter")
-    hp = cfgmod.apply_overrides(hp, overrides, f"{method_cls.name} hyperparameter")
+    for layer in preset_layers(method_cls.presets[preset], dataset):
+        hp = apply_layer(hp, layer, what)
+    hp = apply_layer(hp, {**({"epochs": epochs} if epochs is not None else {}), **overrides}, what)
     hp.validate()
     return hp
+
+
+def preset_layers(preset: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Mapping[str, Any]]],
+                  dataset: str) -> list[dict[str, Any]]:
+    """A preset is a table (``{"*": ..., "<dataset>": ...}``) or a list of tables applied in order, e.g. the paper
+    recipe then a table that only shortens it; per table the dataset's entry overrides ``"*"``."""
+    tables = [preset] if isinstance(preset, Mapping) else list(preset)
+    return [{**table.get("*", {}), **table.get(dataset, {})} for table in tables]
+
+
+def apply_layer(hp: Any, layer: Mapping[str, Any], what: str) -> Any:
+    """Typed overrides; when they change ``epochs``, the epoch points not in ``layer`` are rescaled first."""
+    updated = cfgmod.apply_overrides(hp, layer, what)
+    if updated.epochs != hp.epochs and updated.epochs >= 1:
+        updated = cfgmod.apply_overrides(cfgmod.rescale_epochs(hp, updated.epochs, keep=layer), layer, what)
+    return updated
 
 
 def _dataset_options(dataset_cls: type[Dataset], rho: float | None, overrides: Mapping[str, Any]) -> Any:
@@ -86,6 +114,7 @@ def ensure(config: RunConfig, runtime: Runtime) -> RunRecord:
     """Make sure ``config`` has a finished run folder; train what is missing (upstream first)."""
     record = run_record(runtime.results, config)
     if record.done:
+        record.config()  # a finished run is reused only while its config.json still hashes to its id
         return record
     upstream = resolve_upstream(config, runtime, train=True)
     if runtime.stop_after_epochs is not None and any(not u.record.done for u in upstream.values()):
@@ -104,6 +133,33 @@ def ensure(config: RunConfig, runtime: Runtime) -> RunRecord:
     train(config, record, runtime, upstream)
     distributed.barrier()
     return record
+
+
+EAGER_RETRY = "eager_retry.json"  # in a run folder: its compiled first epoch failed on CUDA, it trained eagerly
+
+
+def ensure_or_retry_eagerly(config: RunConfig, runtime: Runtime) -> RunRecord:
+    """:func:`ensure`; when a compiled run on CUDA fails before finishing its first epoch (a compiler or
+    CUDA-graph failure rather than a bad recipe), train it again without compiling and leave
+    :data:`EAGER_RETRY` in its folder, so the verdict of ``ltbench reproduce`` can say so."""
+    try:
+        return ensure(config, runtime)
+    except UserError:
+        raise
+    except Exception as exc:
+        from ltbench.sweep import run_state
+
+        status, epochs = run_state(runtime.results, config.run_id)
+        if not (runtime.compile and runtime.torch_device().type == "cuda" and status != "done" and epochs == 0):
+            raise
+        error = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+        runtime.echo(f"Compiled training of {config.run_id} failed in its first epoch ({error}); retrying eagerly.")
+        import torch
+
+        torch._dynamo.reset()  # drop the failed graphs before the eager attempt
+        atomic_write_json(run_record(runtime.results, config).path / EAGER_RETRY,
+                          {"error": error, "compile_mode": runtime.compile_mode})
+        return ensure(config, dataclasses.replace(runtime, compile=False, compile_mode="default"))
 
 
 def resolve_upstream(config: RunConfig, runtime: Runtime, train: bool) -> dict[str, Upstream]:
@@ -140,8 +196,8 @@ def train(config: RunConfig, record: RunRecord, runtime: Runtime, upstream: dict
 def _write_metadata(config: RunConfig, record: RunRecord, runtime: Runtime) -> None:
     path = record.path / "config.json"
     if path.exists():
-        existing = json.loads(path.read_text())
-        if existing != config.to_dict():
+        existing = RunConfig.from_dict(json.loads(path.read_text()))
+        if existing.identity() != config.identity():  # runtime options (e.g. workers) may differ
             raise UserError(f"{path} holds a different configuration than run id {config.run_id}; refusing to "
                             f"mix runs. Move the folder away and run again.")
     else:
@@ -191,3 +247,7 @@ def _check_writable(runtime: Runtime) -> None:
     except OSError as exc:
         raise UserError(f"The results folder {runtime.results} is not writable ({exc.strerror}). "
                         f"Choose another with --results DIR.") from exc
+    runs = runs_dir(runtime.results)
+    if runs.exists() and not runs.is_dir():
+        raise UserError(f"{runs} exists but is not a folder; run folders go there. Move it away or choose another "
+                        f"results folder with --results DIR.")
