@@ -13,7 +13,7 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -36,6 +36,36 @@ from ltbench.portable import subset_path
 class CIFARLTOptions:
     rho: float = 100.0  # imbalance ratio n_max / n_min
     subsample_seed: int = 0  # LDAM-DRW's rand_number; 0 reproduces every published CIFAR-LT number
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a callable that CIFAR files never contain."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR python batches hold: dicts, lists, str/bytes, ints and numpy arrays.
+
+    ``pickle.load`` would call any global a crafted file names (``os.system`` ...); here every global
+    but numpy's array constructors is refused, and the caller checks the arrays' dtype and shape.
+    """
+
+    ALLOWED = frozenset({
+        (module, name)
+        for core in ("numpy.core", "numpy._core")  # numpy 1 and numpy 2 spell the module differently
+        for module, name in ((f"{core}.multiarray", "_reconstruct"), (f"{core}.numeric", "_frombuffer"))
+    } | {("numpy", "ndarray"), ("numpy", "dtype")})
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise RefusedGlobal(f"it refers to {module}.{name}, which a CIFAR batch never contains "
+                                         f"(a crafted file could run code through it); refused")
+        return super().find_class(module, name)
+
+
+def load_cifar_pickle(path: Path) -> Any:
+    """A CIFAR python-pickle file read with the restricted unpickler (latin1, as the originals need)."""
+    with open(path, "rb") as fh:
+        return _BatchUnpickler(fh, encoding="latin1").load()
 
 
 class _CIFARLT(Dataset):
@@ -106,11 +136,12 @@ class _CIFARLT(Dataset):
         for name in files:
             path = folder / name
             try:
-                with open(path, "rb") as fh:
-                    batch = pickle.load(fh, encoding="latin1")
-                data = np.asarray(batch["data"], dtype=np.uint8)
+                batch = load_cifar_pickle(path)
+                if not isinstance(batch.get("data"), np.ndarray) or batch["data"].dtype != np.uint8:
+                    raise TypeError("its data entry is not a uint8 numpy array")
+                data = batch["data"]
                 target = np.asarray(batch[self.label_key], dtype=np.int64)
-            except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as exc:
+            except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as exc:
                 raise UserError(
                     f"{self.name}: {path} is not a readable CIFAR python-pickle batch ({type(exc).__name__}: {exc}). "
                     f"Delete the folder and download it again, or point --data-root at an intact copy."
@@ -132,10 +163,12 @@ class _CIFARLT(Dataset):
         return np.ascontiguousarray(x), y
 
     def _class_names(self, folder: Path) -> tuple[str, ...]:
+        path = folder / self.names_file
         try:
-            with open(folder / self.names_file, "rb") as fh:
-                return tuple(pickle.load(fh, encoding="latin1")[self.names_key])
-        except (OSError, KeyError, pickle.UnpicklingError, EOFError):
+            return tuple(str(name) for name in load_cifar_pickle(path)[self.names_key])
+        except RefusedGlobal as exc:  # a crafted file is an error, a missing or odd one only costs the names
+            raise UserError(f"{self.name}: {path} is not a CIFAR meta file: {exc}.") from exc
+        except (OSError, KeyError, pickle.UnpicklingError, EOFError, TypeError):
             return tuple(str(i) for i in range(self.num_classes))
 
     @classmethod

@@ -21,6 +21,13 @@ from ltbench.errors import UserError
 SCHEMA_VERSION = 1
 
 # torch.compile modes -> whether the mode replays compiled graphs as CUDA graphs (cudagraph trees)
+# How a run is executed, never what it computes: these names are kept out of the run id however they are given
+# (a CLI option, --set, a sweep grid, teacher_overrides), so changing them reuses or resumes the same run.
+# The one list to extend when a runtime option is added; a hyperparameter field of one of these names (workers:
+# the preset's loader processes) is recorded in config.json but not hashed.
+RUNTIME_OPTIONS = frozenset({"workers", "threads", "device", "compile", "compile_mode", "micro_batch", "augment_on",
+                             "log"})
+
 COMPILE_MODES = {"default": False, "max-autotune-no-cudagraphs": False, "reduce-overhead": True, "max-autotune": True}
 
 
@@ -181,6 +188,13 @@ def canonical_json(obj: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def _without_runtime_items(value: Any) -> Any:
+    """A list of ``KEY=VALUE`` overrides for an upstream run (``teacher_overrides``) without its runtime items."""
+    if isinstance(value, list) and all(isinstance(v, str) and "=" in v for v in value):
+        return [v for v in value if v.partition("=")[0].strip() not in RUNTIME_OPTIONS]
+    return value
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that determines a run's numbers. Runtime choices (device, paths) are not part of it."""
@@ -195,7 +209,14 @@ class RunConfig:
 
     @property
     def run_id(self) -> str:
-        return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()[:12]
+        return hashlib.sha256(canonical_json(self.identity()).encode()).hexdigest()[:12]
+
+    def identity(self) -> dict[str, Any]:
+        """What the run id hashes: the configuration without runtime options (:data:`RUNTIME_OPTIONS`)."""
+        payload = self.to_dict()
+        payload["hparams"] = {k: _without_runtime_items(v) for k, v in payload["hparams"].items()
+                              if k not in RUNTIME_OPTIONS}
+        return payload
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(dataclasses.asdict(self))

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ltbench.config import RUNTIME_OPTIONS
 from ltbench.errors import UserError
 
 METRICS = ("top1", "many", "medium", "few", "ece")
@@ -40,7 +41,7 @@ SELECT_TEXT = {"final": "the final epoch", "best": "the best test epoch of each 
 FORMATS = ("markdown", "latex", "csv", "json", "html")
 # Config keys never used to tell experiments apart: the seed is what a cell averages over, the
 # others are the cell's coordinates or do not change numbers.
-_NOT_DISTINGUISHING = {"seed", "method", "dataset", "data.rho"}
+_NOT_DISTINGUISHING = {"seed", "method", "dataset", "data.rho", *RUNTIME_OPTIONS}
 
 
 @dataclass(frozen=True)
