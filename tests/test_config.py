@@ -85,3 +85,27 @@ def test_every_plugin_file_is_registered():
     assert modules <= registered | {"_vit_common"}
     dataset_modules = {p.stem for p in (repo / "datasets").glob("*.py") if p.stem != "__init__"}
     assert dataset_modules <= {cls.__module__.rsplit(".", 1)[1] for _, cls in DATASETS}
+
+
+def test_runtime_options_never_change_the_run_id(tmp_path):
+    from ltbench.records import RunRecord
+
+    def run_id(*sets: str, method: str = "erm_cnn") -> str:
+        return stages.make_config(method, "synthetic", preset="tiny", sets=list(sets)).run_id
+
+    base = run_id()
+    assert run_id("workers=3") == run_id("workers=0") == base != run_id("lr=0.5")
+    # a student's teacher_overrides are resolved by the same rule
+    assert run_id("teacher_overrides=workers=0", method="deitlt") == run_id(method="deitlt")
+    # a partial run started with other workers resumes: its config.json still matches the run id
+    first = stages.make_config("erm_cnn", "synthetic", preset="tiny", sets=["workers=0"])
+    record = RunRecord(tmp_path / first.run_id)
+    stages._write_metadata(first, record, stages.Runtime(results=tmp_path, data_root=tmp_path))
+    stages._write_metadata(stages.make_config("erm_cnn", "synthetic", preset="tiny", sets=["workers=3"]), record,
+                           stages.Runtime(results=tmp_path, data_root=tmp_path))
+
+
+@pytest.mark.parametrize("key", ["device", "micro_batch", "compile"])
+def test_runtime_option_given_with_set_names_its_option(key):
+    with pytest.raises(UserError, match=f"runtime option.*--{key.replace('_', '-')}"):
+        stages.make_config("erm_cnn", "synthetic", preset="tiny", sets=[f"{key}=1"])
