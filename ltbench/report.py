@@ -12,6 +12,7 @@ differ, so different versions or settings are never averaged together. Incomplet
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -28,6 +29,7 @@ import pandas as pd
 
 from ltbench.config import RUNTIME_OPTIONS
 from ltbench.errors import UserError
+from ltbench.records import LOCK, TMP_SUFFIX, config_problem
 
 METRICS = ("top1", "many", "medium", "few", "ece")
 DEFAULT_METRICS = ("top1", "many", "medium", "few")
@@ -95,11 +97,12 @@ def load_runs(results: Path, options: ReportOptions = ReportOptions()) -> RunSet
     flat: dict[str, dict[str, str]] = {}
     incomplete: list[dict[str, Any]] = []
     per_class: dict[str, dict[str, Any]] = {}
-    for folder in sorted(p for p in base.iterdir() if (p / "config.json").is_file()):
-        config = _read_json(folder / "config.json")
+    for folder in sorted(p for p in base.iterdir() if _holds_a_run(p)):
+        problem = config_problem(folder)
+        config = _read_json(folder / "config.json") if problem is None else _untrusted_config(folder)
         if not _wanted(config, options):
             continue
-        why = _why_excluded(folder, options.select)
+        why = f"run {folder.name} left out: {problem}" if problem else _why_excluded(folder, options.select)
         if why:
             incomplete.append({"run_id": folder.name, **_coordinates(config), "reason": why})
             continue
@@ -117,6 +120,23 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"Cannot read {path}: {exc}") from exc
+
+
+def _holds_a_run(folder: Path) -> bool:
+    """Any folder with more than a lock and temporaries (a run that is only starting has nothing else yet)."""
+    return folder.is_dir() and any(p.name != LOCK and not p.name.endswith(TMP_SUFFIX) for p in folder.iterdir())
+
+
+def _untrusted_config(folder: Path) -> Mapping[str, Any]:
+    """Coordinates for the footnote of a folder whose config.json is missing or edited: the config as written,
+    else the one result.json recorded, else unknown."""
+    for path, key in ((folder / "config.json", None), (folder / "result.json", "config")):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            payload = json.loads(path.read_text())
+            payload = payload[key] if key else payload
+            if isinstance(payload, dict) and {"method", "dataset"} <= set(payload):
+                return payload
+    return {"method": "unknown method", "dataset": "unknown dataset", "seed": "?"}
 
 
 def _wanted(config: Mapping[str, Any], options: ReportOptions) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 
 from ltbench.config import RunConfig
 from ltbench.errors import UserError
-from ltbench.records import CHECKPOINT, DONE, runs_dir
+from ltbench.records import CHECKPOINT, DONE, config_problem, runs_dir
 
 GRID_KEYS = ("methods", "datasets", "rho", "seeds", "preset", "epochs", "set")
 
@@ -189,7 +189,7 @@ class Job:
 
 @dataclass
 class SweepPlan:
-    grid: SweepGrid
+    grid: SweepGrid | tuple[SweepGrid, ...]  # several grids: a reproduction suite (runs they share train once)
     results: Path
     jobs: dict[str, Job]  # run id -> job, upstream runs first
     notes: list[str] = field(default_factory=list)
@@ -240,14 +240,35 @@ def _epochs_logged(folder: Path) -> int:
         return 0
 
 
-def plan_sweep(grid: SweepGrid, results: Path) -> SweepPlan:
-    """Resolve every cell (validating it) and its upstream runs; read each run's state from disk."""
+def plan_sweep(grid: SweepGrid | Sequence[SweepGrid], results: Path) -> SweepPlan:
+    """Resolve every cell of one grid or several (validating it) and its upstream runs; read each run's state
+    from disk. Jobs are keyed by run id, so a run that several grids or students need is planned once."""
+    results = Path(results).resolve()
+    grids = (grid,) if isinstance(grid, SweepGrid) else tuple(grid)
+    jobs: dict[str, Job] = {}
+    notes: list[str] = []
+    for one in grids:
+        _plan_grid(one, results, jobs, notes)
+    plan = SweepPlan(grids[0] if len(grids) == 1 else grids, results, _upstream_first(jobs),
+                     list(dict.fromkeys(notes)))
+    plan.refresh()
+    _refuse_edited_runs(plan)
+    return plan
+
+
+def _refuse_edited_runs(plan: SweepPlan) -> None:
+    """A run folder of the plan whose config.json no longer hashes to its id must not be reused or resumed."""
+    problems = [f"{runs_dir(plan.results) / j.run_id}: {problem}" for j in plan.jobs.values() if j.status != "new"
+                and (problem := config_problem(runs_dir(plan.results) / j.run_id))]
+    if problems:
+        raise UserError("Run folder(s) of this sweep cannot be used: " + "; ".join(problems) + ". Restore the "
+                        "original config.json, or move the folder away (the same settings then train afresh).")
+
+
+def _plan_grid(grid: SweepGrid, results: Path, jobs: dict[str, Job], notes: list[str]) -> None:
     from ltbench import stages
     from ltbench.registry import DATASETS
 
-    results = Path(results).resolve()
-    jobs: dict[str, Job] = {}
-    notes: list[str] = []
     for method in grid.methods:
         for dataset in grid.datasets:
             rhos = grid.rhos
@@ -259,9 +280,6 @@ def plan_sweep(grid: SweepGrid, results: Path) -> SweepPlan:
                     config = stages.make_config(method, dataset, rho=rho, seed=seed, preset=grid.preset,
                                                 epochs=grid.epochs, sets=sets_for(grid, method))
                     _add_job(config, jobs, requested=True, results=results)
-    plan = SweepPlan(grid, results, _upstream_first(jobs), list(dict.fromkeys(notes)))
-    plan.refresh()
-    return plan
 
 
 def sets_for(grid: SweepGrid, method: str) -> list[str]:
@@ -375,7 +393,7 @@ def train_trial(params: dict[str, Any], configs: Mapping[str, dict], runtime: Ma
 
         ensure_data_parallel(configs[params["run_id"]], dict(runtime), gpus)
     # The Trainer seeds every RNG from config.seed inside this process, as in `ltbench run`.
-    record = stages.ensure(config, Runtime(**runtime, echo=print))
+    record = stages.ensure_or_retry_eagerly(config, Runtime(**runtime, echo=print))
     metrics: dict[str, Any] = {"finished": record.done}  # not "done": Ray reserves that key
     if record.done:
         metrics["top1"] = record.result()["final"]["heads"]["main"]["top1"]
@@ -622,8 +640,10 @@ def _write_sweep_file(plan: SweepPlan) -> None:
 
     path = plan.sweep_dir / "sweep.json"
     if not path.exists():
-        grid = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(plan.grid).items()}
-        atomic_write_json(path, {"grid": grid, "runs": [j.run_id for j in plan.jobs.values() if j.requested],
+        grids = [{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(g).items()}
+                 for g in (plan.grid if isinstance(plan.grid, tuple) else (plan.grid,))]
+        atomic_write_json(path, {"grid": grids[0] if len(grids) == 1 else grids,
+                                 "runs": [j.run_id for j in plan.jobs.values() if j.requested],
                                  "upstream": [j.run_id for j in plan.jobs.values() if not j.requested]})
 
 

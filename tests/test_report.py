@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 
 from ltbench import report as rp
+from ltbench.config import RunConfig
 from ltbench.errors import UserError
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -100,6 +101,7 @@ def test_a_method_version_bump_splits_the_row(tmp_path):
     config = json.loads((bumped / "config.json").read_text())
     config["versions"]["method"] = 2
     (bumped / "config.json").write_text(json.dumps(config))
+    bumped.rename(runs / RunConfig.from_dict(config).run_id)  # another config is another run id
     cells = rp.aggregate(rp.load_runs(tmp_path), rp.ReportOptions(metrics=("top1",)))
     assert sorted(zip(cells["row"], cells["n"])) == [("deitlt (versions.method=1)", 2),
                                                      ("deitlt (versions.method=2)", 1)]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ltbench.config import RunConfig
+
 ROOT = Path(__file__).resolve().parent / "runs"
 PAPER_SPLIT = {"cifar10lt": (3, 7), "cifar100lt": (36, 71)}
 NUM_CLASSES = {"cifar10lt": 10, "cifar100lt": 100}
@@ -50,7 +52,9 @@ def write_run(method: str, dataset: str, rho: float, seed: int, preset: str = "p
     hp = {"epochs": 1200 if preset == "paper" else 100, "sam_rho": 0.0, "sam_rho_steps": [], **(hparams or {})}
     config = {"method": method, "dataset": dataset, "data": {"rho": rho, "subsample_seed": 0}, "hparams": hp,
               "seed": seed, "preset": preset, "versions": {"schema": 1, "method": 1, "dataset": 1}}
-    run_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    run_id = RunConfig.from_dict(config).run_id  # readers refuse a folder not named by its config's hash
+    # the invented numbers are seeded by the digest these folders had before they were named by run id
+    number_seed = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     folder = ROOT / run_id
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -58,7 +62,7 @@ def write_run(method: str, dataset: str, rho: float, seed: int, preset: str = "p
     (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(epochs_done)))
     if not done:
         return
-    rng = np.random.RandomState(int(hashlib.sha256(run_id.encode()).hexdigest()[:8], 16))
+    rng = np.random.RandomState(int(hashlib.sha256(number_seed.encode()).hexdigest()[:8], 16))
     train_counts = counts(dataset, rho)
     tilts = {"main": 6.0, "cls": 12.0, "dist": -2.0}
     final = {h: head(rng, train_counts, dataset, level + (0 if h == "main" else -6), tilts[h]) for h in heads}
