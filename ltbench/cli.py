@@ -532,9 +532,28 @@ def list_(what: str) -> None:
             console.print(f"{name}: {', '.join(sorted(cls.presets))} (default {cls.default_preset})")
         return
     registry = {"methods": METHODS, "datasets": DATASETS, "evaluators": EVALUATORS}[what]
-    for name, cls in registry:
-        doc = (cls.__doc__ or "").strip().splitlines()
-        console.print(f"{name:<14} {doc[0] if doc else ''}", highlight=False)
+    rows = [(name, registry.source(name), _summary(name, cls)) for name, cls in registry]
+    if console.is_terminal:  # a table whose last column wraps inside itself
+        table = Table(box=None, show_header=False, pad_edge=False)
+        for column in ("name", "source", "description"):
+            table.add_column(column, no_wrap=column != "description", style="bold" if column == "name" else None)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table, highlight=False)
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(2)] if rows else [0, 0]
+    for name, source, summary in rows:  # piped: one unwrapped line per entry
+        click.echo(f"{name:<{widths[0]}}  {source:<{widths[1]}}  {summary}")
+
+
+def _summary(name: str, cls: type) -> str:
+    """The docstring's first line as plain text: RST roles and literals unwrapped, a leading ``name:`` dropped."""
+    import re
+
+    lines = (cls.__doc__ or "").strip().splitlines()
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", lines[0] if lines else "")
+    text = re.sub(r"``([^`]+)``", r"\1", text)
+    return text.removeprefix(f"{name}: ")
 
 
 @main.group()

@@ -23,6 +23,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self.group = group
         self._entries: dict[str, type[T]] = {}
+        self._distributions: dict[str, str] = {}  # entry name -> the installed package that declared it
         self._discovered = False
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
@@ -54,6 +55,16 @@ class Registry(Generic[T]):
             )
         return self._entries[name]
 
+    def source(self, name: str) -> str:
+        """Where an entry comes from: ``built-in``, ``plugin <package>`` or, for a decorator, ``<module>``."""
+        self._discover()
+        distribution = self._distributions.get(name)
+        if distribution == "ltbench":
+            return "built-in"
+        if distribution:
+            return f"plugin {distribution}"
+        return self._entries[name].__module__
+
     def names(self) -> list[str]:
         self._discover()
         return sorted(self._entries)
@@ -78,6 +89,7 @@ class Registry(Generic[T]):
             except Exception as exc:  # a broken third-party plugin must not take the whole tool down
                 raise UserError(f"The {self.kind} plugin {ep.name!r} ({ep.value}) failed to import: {exc}") from exc
             self.add(ep.name, cls)
+            self._distributions[ep.name] = ep.dist.name if ep.dist is not None else ""
 
     def refresh(self) -> None:
         """Re-read entry points (after installing a plugin package in the same process)."""

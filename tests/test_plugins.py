@@ -75,6 +75,7 @@ def plugin_site(tmp_path, monkeypatch):
         _install_plugin(site, REPO / "docs" / "plugins.md", package)
     METHODS.names()  # discover the installed plugins first, so that the restored registry is complete
     monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))
+    monkeypatch.setattr(METHODS, "_distributions", dict(METHODS._distributions))
     monkeypatch.setattr(METHODS, "_discovered", False)
     monkeypatch.syspath_prepend(str(site))
     yield site
@@ -83,9 +84,11 @@ def plugin_site(tmp_path, monkeypatch):
 
 
 def test_docs_plugins_are_listed_and_train(plugin_site, cli, tmp_path):
-    listed = cli("list", "methods").output
-    for name in DOC_PLUGINS.values():
-        assert name in listed
+    # piped (not a terminal): one unwrapped line per entry, its source, no RST markup
+    lines = {line.split()[0]: line for line in cli("list", "methods").output.splitlines()}
+    assert set(DOC_PLUGINS.values()) | {"erm_cnn", "deitlt"} <= set(lines)
+    assert lines["focal_cnn"].split()[1:3] == ["plugin", "ltbench-focal"]
+    assert lines["erm_cnn"].split()[1] == "built-in" and "``" not in "".join(lines.values())
     results = tmp_path / "res"
     cli("run", "--method", "focal_cnn", *SMALL_RUN, *set_args("gamma=2"), "--results", str(results))
     cli("run", "--method", "cb_vit", *SMALL_RUN, *set_args(*FAST_VIT, "beta=0.9"), "--results", str(results))
