@@ -1,4 +1,5 @@
-"""Losses of the CNN baselines: LDAM with deferred re-weighting, and PaCo's parametric contrastive loss.
+"""Losses of the CNN baselines: LDAM with deferred re-weighting, PaCo's parametric contrastive loss, the
+logit-adjusted (= Balanced Softmax) cross-entropy and the class-balanced sigmoid focal loss.
 
 Written from the equations in baselines.md §4 and §5; the reference implementations' numerics are
 kept where they change results: DRW uses PyTorch's *weighted mean* (sum_i w_{y_i} l_i / sum_i w_{y_i}),
@@ -89,3 +90,35 @@ def paco_loss(center_logits: torch.Tensor, log_prior: torch.Tensor, query: torch
     # self entries have a finite log_prob and zero weight, so they drop out of the numerator as well
     per_anchor = -(pos_weight * log_prob).sum(dim=1) / pos_weight.sum(dim=1)
     return per_anchor.mean()
+
+
+def log_prior(counts: Sequence[int]) -> torch.Tensor:
+    """log(n_c / N) per class, float32: the offset of logit adjustment."""
+    counts_t = _counts_tensor(counts)
+    return (counts_t / counts_t.sum()).log().float()
+
+
+def logit_adjusted_loss(logits: torch.Tensor, target: torch.Tensor, log_prior: torch.Tensor,
+                        tau: float = 1.0) -> torch.Tensor:
+    """Cross-entropy on ``logits + tau * log_prior`` (Menon et al. 2021); inference uses the raw logits.
+
+    With tau = 1 this *is* Balanced Softmax (Ren et al. 2020), CE(z + log n_c): log n_c = log prior_c + log N and
+    softmax ignores the constant log N.
+    """
+    return F.cross_entropy(logits + tau * log_prior.to(logits.dtype), target)
+
+
+def cb_focal_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor,
+                  gamma: float) -> torch.Tensor:
+    """Class-balanced sigmoid focal loss (Cui et al. 2019, baselines.md §7.4).
+
+    One-vs-all sigmoid per class with p_t = sigmoid(z_c) for the true class and 1 - sigmoid(z_c) otherwise:
+    sum over samples and classes of w_{y_i} (1 - p_t)^gamma BCE(z_c, 1[c = y_i]), divided by the number of
+    positives (the batch size). The modulating factor is computed in log space, as the reference code does.
+    """
+    labels = F.one_hot(target, logits.shape[1]).to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    # (1 - p_t)^gamma = exp(-gamma * (y z + log(1 + e^-z))), stable for large |z|
+    modulator = torch.exp(-gamma * (labels * logits + F.softplus(-logits))) if gamma else 1.0
+    weights = class_weights.to(logits.dtype)[target].unsqueeze(1)
+    return (weights * modulator * bce).sum() / labels.sum()

@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from ltbench.errors import UserError
-from ltbench.losses import effective_number_weights, ldam_loss, ldam_margins, paco_loss
+from ltbench.losses import (
+    cb_focal_loss,
+    effective_number_weights,
+    ldam_loss,
+    ldam_margins,
+    log_prior,
+    logit_adjusted_loss,
+    paco_loss,
+)
 
 
 def test_ldam_margins_scale_as_inverse_fourth_root_with_max_m_on_the_rarest_class():
@@ -110,3 +118,53 @@ def test_paco_loss_without_contrast_is_balanced_softmax_cross_entropy():
     loss = paco_loss(center, log_prior, query, query, labels, labels, alpha=0.0, beta=1.0, gamma=0.0,
                      temperature=0.1)
     assert loss.item() == pytest.approx(F.cross_entropy(center + log_prior, labels).item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logit adjustment / Balanced Softmax and the class-balanced focal loss
+
+
+def test_logit_adjusted_loss_adds_tau_log_prior_before_the_softmax():
+    # counts (3, 1): prior (0.75, 0.25). Row 0, true class 0: margin 1 + ln .75 - ln .25 = 1 + ln 3, loss
+    # log(1 + e^-(1 + ln 3)) = 0.1156710; row 1, true class 1: 2 - ln 3, log(1 + e^-(2 - ln 3)) = 0.3407530
+    logits, target = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 1])
+    assert log_prior([3, 1]).tolist() == pytest.approx([math.log(0.75), math.log(0.25)], abs=1e-6)
+    loss = logit_adjusted_loss(logits, target, log_prior([3, 1]), tau=1.0)
+    assert loss.item() == pytest.approx((0.1156710 + 0.3407530) / 2, abs=1e-6)
+    # tau = 0 is plain cross-entropy; tau = 2 doubles the offset
+    plain = F.cross_entropy(logits, target)
+    assert logit_adjusted_loss(logits, target, log_prior([3, 1]), tau=0.0).item() == pytest.approx(plain.item())
+    doubled = F.cross_entropy(logits + 2 * torch.log(torch.tensor([0.75, 0.25])), target)
+    assert logit_adjusted_loss(logits, target, log_prior([3, 1]), tau=2.0).item() == pytest.approx(doubled.item())
+
+
+def test_balanced_softmax_is_logit_adjustment_at_tau_one():
+    # Ren et al.: -log(n_y e^{z_y} / sum_c n_c e^{z_c}), written out with counts, not the prior
+    counts = torch.tensor([500.0, 40.0, 3.0])
+    logits = torch.tensor([[0.3, -1.2, 2.0], [1.5, 0.1, -0.4]])
+    target = torch.tensor([2, 0])
+    weighted = counts * logits.exp()
+    balanced = -(weighted[torch.arange(2), target] / weighted.sum(1)).log().mean()
+    adjusted = logit_adjusted_loss(logits, target, log_prior([500, 40, 3]), tau=1.0)
+    assert adjusted.item() == pytest.approx(balanced.item(), abs=1e-6)
+
+
+def test_cb_focal_loss_hand_computed():
+    # sigmoid p = s(z); per class (1 - p_t)^gamma * BCE, weighted by the sample's class weight, / positives (2).
+    # sample 0 (y = 0, w 0.5): z = (2, -1): (1 - s(2)) * -log s(2) = 0.0151302, s(-1) * -log(1 - s(-1)) = 0.0842490
+    # sample 1 (y = 1, w 1.5): z = (0, 1): s(0) * -log(1 - s(0)) = 0.3465736, (1 - s(1)) * -log s(1) = 0.0842490
+    logits, target = torch.tensor([[2.0, -1.0], [0.0, 1.0]]), torch.tensor([0, 1])
+    weights = torch.tensor([0.5, 1.5])
+    expected = (0.5 * (0.0151302 + 0.0842490) + 1.5 * (0.3465736 + 0.0842490)) / 2
+    assert cb_focal_loss(logits, target, weights, gamma=1.0).item() == pytest.approx(expected, abs=1e-6)
+    # gamma = 0: the weighted sigmoid cross-entropy
+    bce = F.binary_cross_entropy_with_logits(logits, F.one_hot(target, 2).float(), reduction="none").sum(1)
+    assert cb_focal_loss(logits, target, weights, gamma=0.0).item() == pytest.approx(
+        ((weights[target] * bce).sum() / 2).item(), abs=1e-6)
+
+
+def test_cb_focal_modulator_is_finite_for_large_logits():
+    logits = torch.tensor([[80.0, -80.0], [-80.0, 80.0]], requires_grad=True)
+    loss = cb_focal_loss(logits, torch.tensor([1, 0]), torch.ones(2), gamma=2.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all() and loss.item() > 50  # confidently wrong
