@@ -2,7 +2,10 @@
 
 Precedence when resolving a run: dataclass defaults < preset (``"*"`` then the dataset's own entry)
 < ``--epochs`` < ``--set key=value``. The resolved values are written to ``config.json`` and hashed
-into the run id, so the same resolved configuration always maps to the same run folder.
+into the run id, so the same resolved configuration always maps to the same run folder. Values the
+other settings make inert (``TrainHparams.inert_fields``, e.g. ``auto_augment`` under ``augment=none``)
+are reset to their defaults first, so they do not change the run id; an inert combination a method
+does not declare there still does.
 """
 
 from __future__ import annotations
@@ -10,17 +13,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ltbench.errors import UserError
 
 SCHEMA_VERSION = 1
 
-# torch.compile modes -> whether the mode replays compiled graphs as CUDA graphs (cudagraph trees)
 # How a run is executed, never what it computes: these names are kept out of the run id however they are given
 # (a CLI option, --set, a sweep grid, teacher_overrides), so changing them reuses or resumes the same run.
 # The one list to extend when a runtime option is added; a hyperparameter field of one of these names (workers:
@@ -28,12 +31,17 @@ SCHEMA_VERSION = 1
 RUNTIME_OPTIONS = frozenset({"workers", "threads", "device", "compile", "compile_mode", "micro_batch", "augment_on",
                              "log"})
 
+# torch.compile modes -> whether the mode replays compiled graphs as CUDA graphs (cudagraph trees)
 COMPILE_MODES = {"default": False, "max-autotune-no-cudagraphs": False, "reduce-overhead": True, "max-autotune": True}
 
 
 @dataclass
 class TrainHparams:
     """Settings every method shares; methods subclass this and add their own fields."""
+
+    # Fields that name 0-based epochs of the schedule; changing ``epochs`` rescales them (rescale_epochs).
+    # ``milestones`` are timm's (a decay applies from epoch m - 1). Subclasses extend the tuple.
+    EPOCH_POINTS: ClassVar[tuple[str, ...]] = ("warmup_epochs", "milestones", "sam_rho_epochs")
 
     epochs: int = 200
     batch_size: int = 128  # the global batch: micro-batches x accumulation x devices
@@ -60,6 +68,8 @@ class TrainHparams:
     eval_every: int = 0
     repeated_aug: int = 1  # DeiT's repeated augmentation: each image N times per epoch, epoch length kept
     workers: int = 2
+    # Autocast dtype on a GPU (the CPU always trains in fp32): bf16 | fp16 (autocast + GradScaler) | fp32
+    precision: str = "bf16"
 
     def validate(self) -> None:
         """Reject contradictory or out-of-range settings with a message that says which field."""
@@ -76,6 +86,19 @@ class TrainHparams:
         _check(self.eval_every >= 0, "eval_every must be >= 0 (0 = automatic, at most 5 % of training compute)")
         _check(self.repeated_aug >= 1, "repeated_aug must be >= 1")
         _check(self.warmup_epochs < self.epochs or self.epochs == 1, "warmup_epochs must be < epochs")
+        _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, not "
+                                             f"{self.precision!r}")
+        _check(not (self.precision == "fp16" and self.uses_sam), "precision=fp16 cannot be combined with SAM "
+                                                                 "(its ascent step needs unscaled gradients)")
+
+    def inert_fields(self) -> tuple[str, ...]:
+        """Fields the other settings make ineffective (subclasses name theirs, e.g. RandAugment without
+        augmentation); :meth:`without_inert` resets them so they cannot split one experiment into two run ids."""
+        return ()
+
+    def without_inert(self) -> TrainHparams:
+        defaults = type(self)()
+        return dataclasses.replace(self, **{name: getattr(defaults, name) for name in self.inert_fields()})
 
     @property
     def uses_sam(self) -> bool:
@@ -85,6 +108,38 @@ class TrainHparams:
         if not self.lr_base_batch:
             return self.lr
         return self.lr * (self.lr_scale_batch or self.batch_size) / self.lr_base_batch
+
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def rescale_epochs(hp: TrainHparams, epochs: int, keep: Iterable[str] = ()) -> TrainHparams:
+    """``hp`` with ``epochs`` and every epoch point of its schedule scaled by ``epochs / hp.epochs``.
+
+    A point p becomes floor(p * ratio + 0.5) (rounded half up). Phases keep existing where the new length allows:
+    a point inside the old run stays inside the new one (at most ``epochs - 1``: a DRW phase or an lr decay keeps
+    its last epoch) and, from two epochs on, a point after epoch 0 stays after it (a warm-up or a pre-DRW phase
+    keeps its first epoch); a point past the old end (a phase switched off) stays past the new end. Fields named
+    in ``keep`` (given explicitly) are not touched.
+    """
+    ratio = epochs / hp.epochs
+
+    def scale(point: int) -> int:
+        scaled = math.floor(point * ratio + 0.5)
+        if point >= hp.epochs:
+            return max(scaled, epochs)
+        return min(max(scaled, min(point, 1)), epochs - 1)
+
+    changes: dict[str, Any] = {"epochs": epochs}
+    for name in set(type(hp).EPOCH_POINTS) - set(keep):
+        value = getattr(hp, name)
+        if name == "milestones":  # timm applies milestone m from epoch m - 1
+            changes[name] = tuple(scale(m - 1) + 1 for m in value)
+        elif isinstance(value, tuple):
+            changes[name] = tuple(scale(v) for v in value)
+        else:
+            changes[name] = scale(value)
+    return dataclasses.replace(hp, **changes)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -108,7 +108,7 @@ class Dataset:
         if rho is None:
             return
         if not (rho >= 1 and math.isfinite(rho)):
-            raise UserError(f"The imbalance ratio rho must be a finite number >= 1 (rho = n_max / n_min), got {rho}.")
+            raise UserError(f"The imbalance ratio rho must be >= 1 and finite (rho = n_max / n_min), got {rho}.")
         size = cls.profile_size(options)
         if size and min(exp_profile_counts(size[0], size[1], rho)) < 1:
             raise UserError(f"rho={rho:g} leaves the rarest class of {cls.name} with no training image (its largest "
@@ -198,5 +198,91 @@ def paper_groups(num_classes: int, split: tuple[int, int] | None) -> dict[str, l
 
 
 def frequency_order(counts: Sequence[int]) -> np.ndarray:
-    """Class ids sorted by descending training count, ties by id (a stable argsort of -count)."""
-    return np.argsort(-np.asarray(counts), kind="stable")
+    """Class ids sorted by descending training count, exactly as DeiT-LT's ``np.argsort(-counts)``.
+
+    That call ran numpy 1.24's default (unstable) introsort; newer numpy versions dispatch the same call to
+    SIMD sorts that order ties differently per CPU, so the algorithm is reproduced here (:func:`numpy_introsort`).
+    Ties decide which side of the head/mid/tail index boundaries equal-count classes land on.
+    """
+    return numpy_introsort([-int(c) for c in counts])
+
+
+def numpy_introsort(values: Sequence[int]) -> np.ndarray:
+    """The permutation numpy 1.24's ``np.argsort(values)`` returns (``aquicksort_`` in ``npysort/quicksort.cpp``):
+    median-of-three quicksort down to partitions of 16, then insertion sort; heapsort past depth 2*log2(n)."""
+    v, order = list(values), list(range(len(values)))
+    stack: list[tuple[int, int, int]] = []
+    lo, hi, depth = 0, len(v) - 1, 2 * (len(v).bit_length() - 1) if v else 0
+    while True:
+        if depth < 0:
+            _heapsort(v, order, lo, hi)
+        else:
+            while hi - lo > 15:
+                lo, hi, depth = _partition(v, order, lo, hi, depth, stack)
+            _insertion_sort(v, order, lo, hi)
+        if not stack:
+            return np.asarray(order, dtype=np.int64)
+        lo, hi, depth = stack.pop()
+
+
+def _partition(v: list[int], a: list[int], lo: int, hi: int, depth: int,
+               stack: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+    mid = lo + ((hi - lo) >> 1)
+    if v[a[mid]] < v[a[lo]]:
+        a[mid], a[lo] = a[lo], a[mid]
+    if v[a[hi]] < v[a[mid]]:
+        a[hi], a[mid] = a[mid], a[hi]
+    if v[a[mid]] < v[a[lo]]:
+        a[mid], a[lo] = a[lo], a[mid]
+    pivot = v[a[mid]]
+    i, j = lo, hi - 1
+    a[mid], a[j] = a[j], a[mid]
+    while True:
+        i += 1
+        while v[a[i]] < pivot:
+            i += 1
+        j -= 1
+        while pivot < v[a[j]]:
+            j -= 1
+        if i >= j:
+            break
+        a[i], a[j] = a[j], a[i]
+    a[i], a[hi - 1] = a[hi - 1], a[i]
+    depth -= 1
+    if i - lo < hi - i:  # push the larger part, go on with the smaller
+        stack.append((i + 1, hi, depth))
+        return lo, i - 1, depth
+    stack.append((lo, i - 1, depth))
+    return i + 1, hi, depth
+
+
+def _insertion_sort(v: list[int], a: list[int], lo: int, hi: int) -> None:
+    for i in range(lo + 1, hi + 1):
+        item, j = a[i], i
+        while j > lo and v[item] < v[a[j - 1]]:
+            a[j] = a[j - 1]
+            j -= 1
+        a[j] = item
+
+
+def _heapsort(v: list[int], a: list[int], lo: int, hi: int) -> None:
+    """numpy's ``aheapsort_`` on a[lo..hi] (1-based heap indices over the slice)."""
+    n = hi - lo + 1
+
+    def sift(k: int, size: int, item: int) -> None:
+        j = 2 * k
+        while j <= size:
+            if j < size and v[a[lo + j - 1]] < v[a[lo + j]]:
+                j += 1
+            if not v[item] < v[a[lo + j - 1]]:
+                break
+            a[lo + k - 1] = a[lo + j - 1]
+            k, j = j, 2 * j
+        a[lo + k - 1] = item
+
+    for k in range(n >> 1, 0, -1):
+        sift(k, n, a[lo + k - 1])
+    for size in range(n - 1, 0, -1):
+        item = a[lo + size]
+        a[lo + size] = a[lo]
+        sift(1, size, item)

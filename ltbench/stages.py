@@ -66,7 +66,7 @@ def resolve_hparams(method_cls: type[Method], preset: str, dataset: str, epochs:
         hp = apply_layer(hp, layer, what)
     hp = apply_layer(hp, {**({"epochs": epochs} if epochs is not None else {}), **overrides}, what)
     hp.validate()
-    return hp
+    return hp.without_inert()
 
 
 def preset_layers(preset: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Mapping[str, Any]]],
@@ -150,7 +150,7 @@ def ensure_or_retry_eagerly(config: RunConfig, runtime: Runtime) -> RunRecord:
         from ltbench.sweep import run_state
 
         status, epochs = run_state(runtime.results, config.run_id)
-        if not (runtime.compile and runtime.torch_device().type == "cuda" and status != "done" and epochs == 0):
+        if not (_compiled_on_cuda(runtime) and status != "done" and epochs == 0):
             raise
         error = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
         runtime.echo(f"Compiled training of {config.run_id} failed in its first epoch ({error}); retrying eagerly.")
@@ -160,6 +160,10 @@ def ensure_or_retry_eagerly(config: RunConfig, runtime: Runtime) -> RunRecord:
         atomic_write_json(run_record(runtime.results, config).path / EAGER_RETRY,
                           {"error": error, "compile_mode": runtime.compile_mode})
         return ensure(config, dataclasses.replace(runtime, compile=False, compile_mode="default"))
+
+
+def _compiled_on_cuda(runtime: Runtime) -> bool:
+    return runtime.compile and runtime.torch_device().type == "cuda"
 
 
 def resolve_upstream(config: RunConfig, runtime: Runtime, train: bool) -> dict[str, Upstream]:
