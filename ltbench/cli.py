@@ -438,14 +438,16 @@ def _print_verdicts(suite, verdicts) -> None:
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write per-class and CLS-vs-DIST figures (PNG and PDF) into DIR.")
 def report(results, fmt, split, metrics, select, spread, heads, by, methods, datasets, compare, digits, out,
-           plots_dir) -> None:
+           plots_dir, standalone) -> None:
     """Tables of many/medium/few accuracy over seeds from the run folders (reads nothing else)."""
+@click.option("--standalone", is_flag=True,
+              help="LaTeX: a document that compiles on its own instead of a booktabs table to paste.")
     from ltbench import report as rp
 
     metric_list = tuple(m.strip() for item in metrics for m in item.split(",") if m.strip()) or rp.DEFAULT_METRICS
     options = rp.ReportOptions(select=select, split=split, metrics=metric_list, heads=heads, by=tuple(by),
                                spread=spread, digits=digits, compare=compare, methods=tuple(methods),
-                               datasets=tuple(datasets))
+                               datasets=tuple(datasets), standalone=standalone)
     text = rp.report(results.resolve(), fmt, options)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

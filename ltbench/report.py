@@ -58,6 +58,7 @@ class ReportOptions:
     compare: str | None = None  # "paper": add the reference numbers and the difference
     methods: tuple[str, ...] = ()  # keep only these methods (empty = all)
     datasets: tuple[str, ...] = ()
+    standalone: bool = False  # LaTeX: a compilable document instead of a table to paste
 
     def __post_init__(self) -> None:
         _choice("--select", self.select, ("final", "best"))
@@ -560,8 +561,11 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
-def render_latex(table: Table) -> str:
-    """A complete booktabs document; the tabular inside can be pasted into a paper."""
+LATEX_PACKAGES = ("booktabs", "graphicx")  # \toprule etc., \resizebox
+
+
+def render_latex(table: Table, standalone: bool = False) -> str:
+    """A booktabs ``table`` to paste into a paper or, with ``standalone``, a document that compiles on its own."""
     spec = "l" + "".join("r" * width for _, width in table.groups)
     group_row = [""] + [rf"\multicolumn{{{w}}}{{c}}{{{latex_escape(g)}}}" for g, w in table.groups]
     rules, start = [], 2
@@ -573,13 +577,7 @@ def render_latex(table: Table) -> str:
         name = latex_escape(label) if kind == "run" else rf"\quad\textit{{{latex_escape(label.lstrip('↳ '))}}}"
         body.append(" & ".join([name, *(_latex_cell(c) for c in cells)]) + r" \\")
     notes = "".join(rf"\par {latex_escape(n)}" for n in table.notes)
-    return "\n".join([
-        r"\documentclass{article}",
-        r"\usepackage[T1]{fontenc}",
-        r"\usepackage[landscape,margin=1.5cm]{geometry}",
-        r"\usepackage{booktabs}",
-        r"\usepackage{graphicx}",
-        r"\begin{document}",
+    float_ = "\n".join([
         r"\begin{table}[ht]",
         r"\centering",
         rf"\caption{{{latex_escape(table.caption)}}}",
@@ -595,8 +593,13 @@ def render_latex(table: Table) -> str:
         r"\end{tabular}}",
         *([rf"{{\footnotesize{notes}\par}}"] if notes else []),
         r"\end{table}",
-        r"\end{document}",
     ]) + "\n"
+    if not standalone:
+        return f"% ltbench report; needs \\usepackage{{{','.join(LATEX_PACKAGES)}}}\n" + float_
+    preamble = [r"\documentclass{article}", r"\usepackage[T1]{fontenc}",
+                r"\usepackage[landscape,margin=1.5cm]{geometry}",
+                *(rf"\usepackage{{{package}}}" for package in LATEX_PACKAGES), r"\begin{document}"]
+    return "\n".join(preamble) + "\n" + float_ + "\\end{document}\n"
 
 
 def _latex_cell(cell: Cell) -> str:
@@ -666,4 +669,6 @@ def report(results: Path, fmt: str = "markdown", options: ReportOptions = Report
     table = build_table(cells, runs, options)
     if fmt == "json":
         return render_json(table, cells, runs, options)
-    return {"markdown": render_markdown, "latex": render_latex, "html": render_html}[fmt](table)
+    if fmt == "latex":
+        return render_latex(table, standalone=options.standalone)
+    return {"markdown": render_markdown, "html": render_html}[fmt](table)

@@ -36,6 +36,7 @@ CASES = {
     "report_heads_paper_compare.md": ("markdown", {"heads": True, "split": "paper", "compare": "paper"}),
     "report_best_se_compare.tex": ("latex", {"select": "best", "spread": "se", "metrics": ("top1", "ece"),
                                              "compare": "paper"}),
+    "report_standalone.tex": ("latex", {"standalone": True}),
 }
 
 
@@ -238,3 +239,12 @@ def test_plots_are_written_for_rows_and_distilled_heads(tmp_path):
     for path in files:
         head = path.read_bytes()[:8]
         assert head.startswith(b"\x89PNG") if path.suffix == ".png" else head.startswith(b"%PDF")
+
+
+def test_latex_is_a_table_to_paste_and_standalone_wraps_the_same_table_in_a_document():
+    table = render("latex")
+    document = render("latex", standalone=True)
+    assert "\\documentclass" not in table and "\\begin{table}" in table and "\\toprule" in table
+    assert document.startswith("\\documentclass") and document.endswith("\\end{document}\n")
+    float_ = table[table.index("\\begin{table}"):]
+    assert float_ in document and "\\usepackage{booktabs}" in document
