@@ -59,6 +59,7 @@ class ReportOptions:
     methods: tuple[str, ...] = ()  # keep only these methods (empty = all)
     datasets: tuple[str, ...] = ()
     standalone: bool = False  # LaTeX: a compilable document instead of a table to paste
+    adjust: float | None = None  # also rows of post-hoc logit adjustment at this tau (posthoc_la.json)
 
     def __post_init__(self) -> None:
         _choice("--select", self.select, ("final", "best"))
@@ -68,6 +69,9 @@ class ReportOptions:
             _choice("--metric", metric, METRICS)
         if self.compare is not None:
             _choice("--compare", self.compare, ("paper",))
+        if self.adjust is not None and (self.select != "final" or self.adjust < 0):
+            raise UserError("--adjust TAU needs tau >= 0 and --select final: post-hoc adjustment is computed on each "
+                            "run's final-epoch logits.")
 
 
 def _choice(option: str, value: str, allowed: Sequence[str]) -> None:
@@ -112,8 +116,28 @@ def load_runs(results: Path, options: ReportOptions = ReportOptions()) -> RunSet
         rows += _head_rows(folder.name, config, result, options)
         per_class[folder.name] = {"class_counts": result.get("class_counts"), "heads": {
             head: m.get("per_class") for head, m in result[options.select]["heads"].items()}}
+        if options.adjust is not None:
+            rows += _posthoc_rows(folder, config, result, options, flat, incomplete)
     columns = ["run_id", "method", "dataset", "rho", "seed", "head", "epoch", *METRICS]
     return RunSet(pd.DataFrame(rows, columns=columns), flat, incomplete, per_class)
+
+
+def _posthoc_rows(folder: Path, config: Mapping[str, Any], result: Mapping[str, Any], options: ReportOptions,
+                  flat: dict[str, dict[str, str]], incomplete: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The run's post-hoc logit-adjusted result at ``options.adjust`` as rows of their own, labelled
+    "<method> + post-hoc LA τ=..." (never matched to the method's paper numbers); missing ones are listed."""
+    from ltbench.posthoc import POSTHOC_FILE, posthoc_label, tau_key
+
+    key, label = tau_key(options.adjust), posthoc_label(config["method"], options.adjust)
+    path = folder / POSTHOC_FILE
+    block = (_read_json(path).get("taus", {}).get(key)) if path.is_file() else None
+    if block is None:
+        incomplete.append({"run_id": folder.name, **_coordinates({**config, "method": label}),
+                           "reason": f"no post-hoc result yet: ltbench eval {folder.name} --adjust {key}"})
+        return []
+    run_key = f"{folder.name}+la{key}"
+    flat[run_key] = {**flatten_config(config, result), "posthoc_tau": key}
+    return _head_rows(run_key, {**config, "method": label}, {"final": block}, options)
 
 
 def _read_json(path: Path) -> Any:
@@ -521,14 +545,14 @@ def _incomplete_hint(runs: RunSet) -> str:
 
 
 def render_markdown(table: Table) -> str:
-    header = ["method"] + [f"{g} {c}" for g, c in _column_groups(table)]
+    header = ["method"] + [_md_escape(f"{g} {c}") for g, c in _column_groups(table)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(table.columns)]
     for label, cells, _ in table.rows:
         texts = [_md_cell(c) for c in cells]
         lines.append("| " + " | ".join([_md_escape(label), *texts]) + " |")
-    out = [table.caption, "", *lines]
+    out = [_md_text(table.caption), "", *lines]
     for note in table.notes:
-        out += ["", note]
+        out += ["", _md_text(note)]
     return "\n".join(out) + "\n"
 
 
@@ -548,13 +572,27 @@ def _md_cell(cell: Cell) -> str:
     return mean + spread + n
 
 
+# Config values reach labels and notes verbatim: escape what Markdown would interpret. A "<" opens raw HTML only
+# before a letter, "/", "!" or "?" and "&" starts an entity only before "name;", so "> 100 / < 20" stays readable.
+_MD_HTML = re.compile(r"<(?=[A-Za-z/!?])|&(?=#?\w+;)")
+_MD_INLINE = re.compile(r"([\\`*]|(?<=\])\()")  # and "](" would make a link
+
+
+def _md_text(text: str) -> str:
+    """Running text (caption, notes): no raw HTML, no emphasis, code or links from the values it quotes."""
+    text = _MD_HTML.sub(lambda m: "&lt;" if m.group() == "<" else "&amp;", " ".join(text.splitlines()))
+    return _MD_INLINE.sub(r"\\\1", text)
+
+
 def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
+    """A table cell: running text that also cannot end the cell (|) or start emphasis (_)."""
+    return _md_text(text).replace("|", "\\|").replace("_", "\\_")
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "ρ": r"$\rho$", "Δ": r"$\Delta$", "±": r"$\pm$", "–": "--", "↳": r"$\hookrightarrow$"}
+                  "ρ": r"$\rho$", "Δ": r"$\Delta$", "±": r"$\pm$", "–": "--", "↳": r"$\hookrightarrow$",
+                  "\n": " ", "\r": " "}  # a blank line inside a table cell ends the paragraph: an error
 
 
 def latex_escape(text: str) -> str:
