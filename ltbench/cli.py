@@ -208,9 +208,13 @@ for _opt in reversed(COMMON_RUN_OPTIONS):
 @click.argument("run_ref")
 @click.option("--heads", is_flag=True, help="Show every head (CLS / DIST / average) under both splits.")
 @click.option("--recompute", is_flag=True, help="Re-evaluate the latest checkpoint instead of reading result.json.")
+@click.option("--adjust", "taus", type=float, multiple=True, metavar="TAU",
+              help="Also post-hoc logit adjustment: argmax of z - TAU*log(prior) on the final logits (saved, or "
+                   "recomputed and saved); a separate result in posthoc_la.json. Repeatable.")
 @runtime_options
-def eval_(run_ref, heads, recompute, **rt) -> None:
+def eval_(run_ref, heads, recompute, taus, **rt) -> None:
     """Show or re-evaluate a finished or partial run (RUN is a run id, prefix or folder)."""
+    from ltbench.posthoc import posthoc_adjust, posthoc_label, tau_key
     from ltbench.records import find_run
     from ltbench.reevaluate import reevaluate
 
@@ -218,6 +222,14 @@ def eval_(run_ref, heads, recompute, **rt) -> None:
     record = find_run(runtime.results, run_ref)
     result = reevaluate(record, runtime) if recompute or not record.done else record.result()
     print_result(result, all_heads=heads)
+    if taus:
+        adjusted = posthoc_adjust(record, runtime, taus)["taus"]
+        for tau in taus:
+            block = adjusted[tau_key(tau)]
+            print_result({**result, "method": posthoc_label(result["method"], tau), "final": block, "best": None},
+                         all_heads=heads)
+            _say(f"post-hoc logit adjustment τ={tau_key(tau)} from {block['logits']} final logits -> "
+                 f"{record.path / 'posthoc_la.json'}")
 
 
 @main.command()
@@ -367,6 +379,8 @@ def _device_text(runtime) -> str:
 
 
 def _print_suite_plan(suite, plan) -> None:
+    from rich.markup import escape
+
     from ltbench import reproduce as rpd
 
     table = rpd.throughput_table()
@@ -379,7 +393,7 @@ def _print_suite_plan(suite, plan) -> None:
          (f" ({unknown} run(s) n/a)" if unknown else ""))
     _say(rpd.PROJECTION_TEXT, style="dim")
     for expectation in suite.expectations:
-        _say(f"expects: {expectation.name}  [{expectation.source}]", style="dim")
+        _say(escape(f"expects: {expectation.name}  [{expectation.source}]"), style="dim")
 
 
 def _list_suites(results: Path) -> None:
@@ -387,7 +401,8 @@ def _list_suites(results: Path) -> None:
 
     table = Table(title="reproduction suites (ltbench reproduce SUITE)")
     for col in ("suite", "runs", "expectations", "projected GPU h", "description"):
-        table.add_column(col, justify="right" if col in ("runs", "expectations", "projected GPU h") else "left")
+        table.add_column(col, justify="right" if col in ("runs", "expectations", "projected GPU h") else "left",
+                         no_wrap=col == "suite")
     throughput = rpd.throughput_table()
     for name, path in sorted(rpd.shipped_suites().items()):
         suite = rpd.load_suite(str(path))
@@ -395,12 +410,14 @@ def _list_suites(results: Path) -> None:
         hours = [rpd.projected_hours(j, throughput) for j in plan.jobs.values()]
         known = sum(h for h in hours if h is not None)
         cost = "n/a (CPU)" if all(h is None for h in hours) else f"{known:.2f}" + ("+" if None in hours else "")
-        table.add_row(name, str(len(plan.jobs)), str(len(suite.expectations)), cost, suite.description)
+        table.add_row(name, str(len(plan.jobs)), str(len(suite.expectations)), cost, suite.summary)
     console.print(table)
     console.print(rpd.PROJECTION_TEXT, style="dim", highlight=False)
 
 
 def _print_verdicts(suite, verdicts) -> None:
+    from rich.markup import escape
+
     style = {"PASS": "green", "FAIL": "red", "MISSING": "yellow"}
     passed = sum(v.status == "PASS" for v in verdicts)
     table = Table(title=f"ltbench reproduce {suite.name}: {passed}/{len(verdicts)} pass")
@@ -408,7 +425,8 @@ def _print_verdicts(suite, verdicts) -> None:
         table.add_column(col)
     for v in verdicts:
         note = f"\n({'; '.join(v.notes)})" if v.notes else ""
-        table.add_row(v.expectation.name + note, v.expectation.source, v.measured, v.expected, v.tolerance,
+        table.add_row(escape(v.expectation.name + note), escape(v.expectation.source), v.measured, v.expected,
+                      v.tolerance,
                       f"[{style[v.status]}]{v.status}[/]")
     console.print(table)
 
@@ -433,21 +451,23 @@ def _print_verdicts(suite, verdicts) -> None:
 @click.option("--dataset", "datasets", multiple=True, help="Only these datasets (repeatable).")
 @click.option("--compare", type=click.Choice(["paper"]), default=None,
               help="Add the published numbers (ltbench/reference/paper_numbers.csv) and the difference.")
+@click.option("--adjust", type=float, default=None, metavar="TAU",
+              help="Also rows of post-hoc logit adjustment at TAU (from `ltbench eval RUN --adjust TAU`).")
 @click.option("--digits", type=int, default=2, show_default=True)
+@click.option("--standalone", is_flag=True,
+              help="LaTeX: a document that compiles on its own instead of a booktabs table to paste.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to FILE.")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write per-class and CLS-vs-DIST figures (PNG and PDF) into DIR.")
-def report(results, fmt, split, metrics, select, spread, heads, by, methods, datasets, compare, digits, out,
+def report(results, fmt, split, metrics, select, spread, heads, by, methods, datasets, compare, adjust, digits, out,
            plots_dir, standalone) -> None:
     """Tables of many/medium/few accuracy over seeds from the run folders (reads nothing else)."""
-@click.option("--standalone", is_flag=True,
-              help="LaTeX: a document that compiles on its own instead of a booktabs table to paste.")
     from ltbench import report as rp
 
     metric_list = tuple(m.strip() for item in metrics for m in item.split(",") if m.strip()) or rp.DEFAULT_METRICS
     options = rp.ReportOptions(select=select, split=split, metrics=metric_list, heads=heads, by=tuple(by),
                                spread=spread, digits=digits, compare=compare, methods=tuple(methods),
-                               datasets=tuple(datasets), standalone=standalone)
+                               datasets=tuple(datasets), standalone=standalone, adjust=adjust)
     text = rp.report(results.resolve(), fmt, options)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -663,7 +683,7 @@ def print_result(result: dict[str, Any], all_heads: bool = False) -> None:
                 groups = m.get(split)
                 if groups is None:
                     continue
-                table.add_row(f"{label} ({block['epoch'] + 1})", head, split, _fmt(m["top1"]), _fmt(groups["many"]),
+                table.add_row(f"{label} ({block['epoch']})", head, split, _fmt(m["top1"]), _fmt(groups["many"]),
                               _fmt(groups["medium"]), _fmt(groups["few"]), _fmt(m["ece"]))
     console.print(table)
     console.print("counts split: many > 100, medium 20..100, few < 20 training images; paper split: DeiT-LT's "

@@ -10,8 +10,8 @@ from ltbench.records import RunRecord, atomic_write_json
 from ltbench.registry import EVALUATORS, METHODS
 
 
-def reevaluate(record: RunRecord, runtime: Runtime) -> dict[str, Any]:
-    """Evaluate the latest checkpoint; writes ``eval.json`` (never touches ``result.json``)."""
+def restored_trainer(record: RunRecord, runtime: Runtime) -> tuple[Trainer, dict[str, Any]]:
+    """The run's Trainer with its latest checkpoint loaded (upstream runs found, never trained), and that checkpoint."""
     from ltbench import stages
 
     config = record.config()
@@ -22,9 +22,16 @@ def reevaluate(record: RunRecord, runtime: Runtime) -> dict[str, Any]:
     trainer = Trainer(config, stages.hparams_of(config), METHODS.get(config.method), stages.load_data(config, runtime),
                       EVALUATORS.get("longtail")(), record, runtime, upstream)
     trainer.restore(ckpt)
+    return trainer, ckpt
+
+
+def reevaluate(record: RunRecord, runtime: Runtime) -> dict[str, Any]:
+    """Evaluate the latest checkpoint; writes ``eval.json`` (never touches ``result.json``)."""
+    config = record.config()
+    trainer, ckpt = restored_trainer(record, runtime)
     metrics = trainer._evaluate_full(trainer._eval_loader())
     result = {"run_id": record.run_id, "method": config.method, "dataset": config.dataset, "config": config.to_dict(),
-              "final": {"epoch": ckpt["epoch"] - 1, **metrics}, "best": ckpt.get("best"),
+              "final": {"epoch": ckpt["epoch"], **metrics}, "best": ckpt.get("best"),
               "note": f"re-evaluated from the checkpoint after epoch {ckpt['epoch']}"}
     atomic_write_json(record.path / "eval.json", result)
     return result
