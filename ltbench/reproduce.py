@@ -1,0 +1,513 @@
+"""``ltbench reproduce SUITE``: shipped reproduction suites, each a sweep plus the published claims it checks.
+
+A suite is a YAML file (``ltbench/suites/<name>.yaml``, or any path): ``runs`` is a list of sweep grids
+(the keys of ``ltbench sweep`` grid files), ``expectations`` the claims checked on the finished runs, and an
+optional ``runtime`` gives defaults for the command's runtime options. The runs are planned and trained by
+:mod:`ltbench.sweep` (idempotent: finished runs are reused, interrupted ones resume); metrics are read
+and averaged over the seeds present by :mod:`ltbench.report`, the same code as ``ltbench report``.
+
+Expectation kinds, each with a ``source`` (paper, table, or the section claiming an ordering):
+
+* ``value``: the metric of one cell is ``expected`` within ``tolerance`` points;
+* ``order``: the metric of cell ``better`` exceeds that of cell ``worse`` by at least ``margin`` points;
+* ``finished``: every run of the cell finished and reports every head in ``heads`` (smoke checks).
+
+A cell names ``method`` and as much of ``dataset``, ``rho``, ``preset`` and ``set`` (hyperparameter
+conditions) as it takes to pick one configuration of the suite, then what to read: ``head`` (main), ``split``
+(counts or paper) and ``metric`` (top1, many, medium, few or ece).
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from ltbench import report as rp
+from ltbench import sweep as sw
+from ltbench.errors import UserError
+
+SUITE_KEYS = ("description", "runtime", "runs", "expectations")
+RUNTIME_KEYS = ("device", "compile", "compile_mode", "micro_batch", "workers", "augment_on", "gpus_per_trial",
+                "cpus_per_trial", "max_failures")
+CELL_KEYS = ("method", "dataset", "rho", "preset", "set", "head", "split", "metric")
+KIND_KEYS = {"value": ("cell", "expected", "tolerance"), "order": ("better", "worse", "margin"),
+             "finished": ("cell", "heads")}
+COMMON_KEYS = ("kind", "name", "source")
+PASS, FAIL, MISSING = "PASS", "FAIL", "MISSING"
+EAGER_RETRY = "eager_retry.json"  # the marker ltbench.stages.ensure_or_retry_eagerly leaves in a run folder
+
+
+# ----------------------------------------------------------------------------------------------
+# The suite file
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Which runs (configuration, over its seeds) and which number of them an expectation reads."""
+
+    method: str
+    dataset: str | None = None
+    rho: float | None = None
+    preset: str | None = None
+    conditions: tuple[str, ...] = ()  # KEY=VALUE on the flattened config, as in paper_numbers.csv's match column
+    head: str = "main"
+    split: str = "counts"
+    metric: str = "top1"
+
+    def label(self) -> str:
+        where = [self.preset or "", *self.conditions, self.dataset or "", "" if self.rho is None else f"ρ={self.rho:g}"]
+        where_text = ", ".join(w for w in where if w)
+        head = "" if self.head == "main" else f" {self.head.upper()} head"
+        group = "" if self.metric in ("top1", "ece") else f" ({self.split} split)"
+        return f"{self.method}{f' ({where_text})' if where_text else ''}{head} {rp.METRIC_LABELS[self.metric]}{group}"
+
+
+@dataclass(frozen=True)
+class Expectation:
+    kind: str
+    name: str
+    source: str
+    cells: tuple[Cell, ...]  # value / finished: (cell,); order: (better, worse)
+    expected: float | None = None
+    tolerance: float = 0.0
+    margin: float = 0.0
+    heads: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    path: Path
+    description: str
+    grids: tuple[dict[str, Any], ...]  # raw grid values, built into SweepGrids with the command's overrides
+    expectations: tuple[Expectation, ...]
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        """The description's first sentence."""
+        return self.description.split(". ")[0].rstrip(".") + "."
+
+
+def shipped_suites() -> dict[str, Path]:
+    """Suite name -> file of the suites shipped in ``ltbench/suites/``."""
+    folder = files("ltbench").joinpath("suites")
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def find_suite(ref: str) -> Path:
+    """A shipped suite by name, or a suite file by path."""
+    path = Path(ref).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise UserError(f"The suite file {path} does not exist.")
+        return path
+    suites = shipped_suites()
+    if ref in suites:
+        return suites[ref]
+    close = difflib.get_close_matches(ref, list(suites), n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UserError(f"There is no suite {ref!r}.{hint} Shipped suites: {', '.join(sorted(suites))} "
+                    f"(`ltbench reproduce --list`); a path to your own suite file (.yaml) works too.")
+
+
+def load_suite(ref: str) -> Suite:
+    """Read and validate a suite file; errors name the file and the key."""
+    path = find_suite(ref)
+    try:
+        payload = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"Cannot read the suite file {path}: {exc}") from exc
+    where = _Where(path)
+    payload = where.mapping(payload, "", SUITE_KEYS, required=("runs", "expectations"))
+    runtime = where.mapping(payload.get("runtime") or {}, "runtime", RUNTIME_KEYS)
+    runs = where.sequence(payload["runs"], "runs")
+    grids = tuple(where.mapping(grid, f"runs[{i}]", sw.GRID_KEYS, required=("methods", "datasets"))
+                  for i, grid in enumerate(runs))
+    items = where.sequence(payload["expectations"], "expectations")
+    expectations = tuple(_expectation(where, item, f"expectations[{i}]") for i, item in enumerate(items))
+    return Suite(path.stem, path, str(payload.get("description") or "").strip(), grids, expectations, runtime)
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Validation helpers that name the suite file and the key path in every message."""
+
+    path: Path
+
+    def error(self, key: str, message: str) -> UserError:
+        return UserError(f"Suite file {self.path}, key {key or '(top level)'}: {message}")
+
+    def mapping(self, value: Any, key: str, allowed: Sequence[str], required: Sequence[str] = ()) -> dict[str, Any]:
+        if not isinstance(value, Mapping):
+            raise self.error(key, f"expected a mapping with keys {', '.join(allowed)}, got {_kind(value)}.")
+        unknown = sorted(set(map(str, value)) - set(allowed))
+        if unknown:
+            raise self.error(key, f"unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(allowed)}.")
+        missing = [k for k in required if value.get(k) is None]
+        if missing:
+            raise self.error(key, f"missing required key(s) {', '.join(missing)}.")
+        return dict(value)
+
+    def sequence(self, value: Any, key: str) -> list[Any]:
+        if not isinstance(value, list) or not value:
+            raise self.error(key, f"expected a non-empty list, got {_kind(value)}.")
+        return value
+
+    def number(self, value: Any, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(key, f"expected a number, got {_kind(value)}.")
+        return float(value)
+
+    def text(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key, f"expected a non-empty text, got {_kind(value)}.")
+        return value.strip()
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"[:80]
+
+
+def _expectation(where: _Where, item: Any, key: str) -> Expectation:
+    kind = where.mapping(item, key, (*COMMON_KEYS, *sorted({k for ks in KIND_KEYS.values() for k in ks})),
+                         required=("kind",))["kind"]
+    if kind not in KIND_KEYS:
+        raise where.error(f"{key}.kind", f"{kind!r} is not an expectation kind; kinds: {', '.join(KIND_KEYS)}.")
+    required = ("source", *(k for k in KIND_KEYS[kind] if k not in ("margin", "tolerance")))
+    item = where.mapping(item, key, (*COMMON_KEYS, *KIND_KEYS[kind]), required=required)
+    source = where.text(item["source"], f"{key}.source")
+    if kind == "value":
+        cell = _cell(where, item["cell"], f"{key}.cell")
+        expected = where.number(item["expected"], f"{key}.expected")
+        tolerance = where.number(item.get("tolerance", 0), f"{key}.tolerance")
+        name = item.get("name") or f"{cell.label()} = {expected:g} ± {tolerance:g}"
+        return Expectation(kind, str(name), source, (cell,), expected=expected, tolerance=tolerance)
+    if kind == "order":
+        better, worse = _cell(where, item["better"], f"{key}.better"), _cell(where, item["worse"], f"{key}.worse")
+        margin = where.number(item.get("margin", 0), f"{key}.margin")
+        name = item.get("name") or f"{better.label()} ≥ {worse.label()} + {margin:g}"
+        return Expectation(kind, str(name), source, (better, worse), margin=margin)
+    cell = _cell(where, item["cell"], f"{key}.cell")
+    heads = item["heads"] if isinstance(item["heads"], list) else [item["heads"]]
+    name = item.get("name") or f"{cell.method} runs finish with head(s) {', '.join(map(str, heads))}"
+    return Expectation(kind, str(name), source, (cell,), heads=tuple(str(h) for h in heads))
+
+
+def _cell(where: _Where, value: Any, key: str) -> Cell:
+    cell = where.mapping(value, key, CELL_KEYS, required=("method",))
+    conditions = sw.parse_sets(cell.get("set"))
+    for condition in conditions:
+        if "=" not in condition:
+            raise where.error(f"{key}.set", f"{condition!r} is not KEY=VALUE.")
+    for option, allowed in (("split", ("counts", "paper")), ("metric", rp.METRICS)):
+        if option in cell and cell[option] not in allowed:
+            raise where.error(f"{key}.{option}", f"{cell[option]!r} is not one of {', '.join(allowed)}.")
+    rho = cell.get("rho")
+    return Cell(method=str(cell["method"]), dataset=cell.get("dataset"),
+                rho=None if rho is None else where.number(rho, f"{key}.rho"), preset=cell.get("preset"),
+                conditions=tuple(conditions), head=str(cell.get("head", "main")),
+                split=cell.get("split", "counts"), metric=cell.get("metric", "top1"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What the command line changes in every grid of a suite (a CPU stand-in of a GPU suite, a faster test)."""
+
+    datasets: str | None = None
+    epochs: int | None = None
+    sets: tuple[str, ...] = ()
+
+
+def suite_grids(suite: Suite, overrides: Overrides = Overrides()) -> list[sw.SweepGrid]:
+    methods = {m for values in suite.grids for m in sw.parse_list(values["methods"], "methods")}
+    for item in overrides.sets:
+        scope, colon, _ = item.partition(":")
+        if colon and "=" not in scope and scope not in methods:
+            raise UserError(f"--set {item}: {scope!r} is not a method of suite {suite.name} "
+                            f"({', '.join(sorted(methods))}).")
+    grids = []
+    for i, values in enumerate(suite.grids):
+        grid_methods = sw.parse_list(values["methods"], "methods")
+        sets = [s for s in overrides.sets if _applies(s, grid_methods)]
+        try:
+            grids.append(sw.build_grid(values, datasets=overrides.datasets, epochs=overrides.epochs, sets=sets))
+        except UserError as exc:
+            raise UserError(f"Suite file {suite.path}, key runs[{i}]: {exc}") from exc
+    return grids
+
+
+def _applies(item: str, methods: Sequence[str]) -> bool:
+    scope, colon, _ = item.partition(":")
+    return not colon or "=" in scope or scope in methods
+
+
+def plan_suite(suite: Suite, results: Path, overrides: Overrides = Overrides()) -> tuple[sw.SweepPlan, dict]:
+    """The sweep plan of every grid of the suite, and each expectation cell's run ids (validated: a cell must
+    pick exactly one configuration of the suite, over its seeds)."""
+    grids = suite_grids(suite, overrides)
+    try:
+        plan = sw.plan_sweep(grids, results)
+    except UserError as exc:
+        raise UserError(f"Suite {suite.name} ({suite.path}): {exc}") from exc
+    cells = {}
+    for i, expectation in enumerate(suite.expectations):
+        for cell in expectation.cells:
+            cells[cell] = _cell_runs(cell, plan, f"Suite file {suite.path}, expectations[{i}] ({expectation.name})")
+    return plan, cells
+
+
+def _cell_runs(cell: Cell, plan: sw.SweepPlan, where: str) -> list[str]:
+    experiments: dict[str, list[str]] = {}
+    flats: dict[str, dict[str, str]] = {}
+    for job in plan.jobs.values():
+        flat = rp.flatten_config(job.config.to_dict())
+        if job.requested and _matches(cell, job, flat):
+            experiments.setdefault(rp.experiment_key(flat), []).append(job.run_id)
+            flats[job.run_id] = flat
+    if not experiments:
+        raise UserError(f"{where}: the cell {cell.label()} matches no run of the suite. Name a method, preset, "
+                        f"dataset and rho the suite's runs have.")
+    if len(experiments) > 1:
+        firsts = [flats[ids[0]] for ids in experiments.values()]
+        keys = [k for k in rp._differing_keys(firsts) if not k.startswith("versions.")]
+        raise UserError(f"{where}: the cell {cell.label()} matches {len(experiments)} configurations, which differ "
+                        f"in {', '.join(keys[:6])}. Add preset, dataset, rho or set: {{KEY: VALUE}} to the cell.")
+    return next(iter(experiments.values()))
+
+
+def _matches(cell: Cell, job: sw.Job, flat: Mapping[str, str]) -> bool:
+    config = job.config
+    rho = config.data.get("rho")
+    return (config.method == cell.method and cell.dataset in (None, config.dataset)
+            and (cell.rho is None or (rho is not None and math.isclose(float(rho), cell.rho)))
+            and cell.preset in (None, config.preset)
+            and all(rp._condition_holds(c, flat) for c in cell.conditions))
+
+
+# ----------------------------------------------------------------------------------------------
+# Verdicts
+
+
+@dataclass
+class Verdict:
+    expectation: Expectation
+    status: str  # PASS | FAIL | MISSING
+    measured: str  # the number(s) read, as text
+    expected: str
+    tolerance: str
+    value: float | None = None  # the measured number (order: the difference)
+    notes: list[str] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        return {"expectation": self.expectation.name, "kind": self.expectation.kind,
+                "source": self.expectation.source, "measured": self.measured, "expected": self.expected,
+                "tolerance": self.tolerance, "verdict": self.status, "value": self.value,
+                "notes": "; ".join(self.notes)}
+
+
+class Metrics:
+    """Cell means over the seeds present, read by ``ltbench report``'s own loading and aggregation."""
+
+    def __init__(self, results: Path) -> None:
+        self.results = results
+        self._runs: dict[str, rp.RunSet] = {}
+
+    def runs(self, split: str) -> rp.RunSet:
+        if split not in self._runs:
+            try:
+                self._runs[split] = rp.load_runs(self.results, rp.ReportOptions(split=split, heads=True))
+            except UserError:  # no run folder yet: every cell is missing
+                self._runs[split] = rp.RunSet(pd.DataFrame(columns=["run_id", "head"]), {})
+        return self._runs[split]
+
+    def mean(self, cell: Cell, run_ids: Sequence[str]) -> tuple[float | None, int]:
+        """(mean over the finished seeds, how many finished); (None, 0) when none finished."""
+        runs = self.runs(cell.split)
+        frame = runs.frame[runs.frame["run_id"].isin(run_ids) & (runs.frame["head"] == cell.head)]
+        if frame.empty:
+            return None, 0
+        subset = rp.RunSet(frame, {rid: runs.flat_configs[rid] for rid in frame["run_id"]})
+        options = rp.ReportOptions(split=cell.split, metrics=(cell.metric,), heads=True)
+        cells = rp.aggregate(subset, options)
+        mean = float(cells["mean"].iloc[0])
+        return (None if math.isnan(mean) else mean), int(cells["n"].iloc[0])
+
+    def heads(self, run_id: str) -> set[str]:
+        frame = self.runs("counts").frame
+        return set(frame.loc[frame["run_id"] == run_id, "head"])
+
+
+def judge(suite: Suite, plan: sw.SweepPlan, cells: Mapping[Cell, list[str]]) -> list[Verdict]:
+    metrics = Metrics(plan.results)
+    return [_judge_one(e, cells, metrics, plan.results) for e in suite.expectations]
+
+
+def _judge_one(expectation: Expectation, cells: Mapping[Cell, list[str]], metrics: Metrics,
+               results: Path) -> Verdict:
+    notes = _retry_notes(results, [rid for cell in expectation.cells for rid in cells[cell]])
+    if expectation.kind == "finished":
+        return _judge_finished(expectation, cells[expectation.cells[0]], metrics, notes)
+    read = [(cell, *metrics.mean(cell, cells[cell])) for cell in expectation.cells]
+    for cell, _, n in read:
+        if n < len(cells[cell]):
+            notes.append(f"{cell.method}: {n}/{len(cells[cell])} seed(s) finished")
+    measured = " vs ".join(f"{m:.2f}" if m is not None else "–" for _, m, _ in read)
+    if any(m is None for _, m, _ in read):
+        return _verdict(expectation, MISSING, measured, None, notes)
+    if expectation.kind == "value":
+        value = read[0][1]
+        ok = abs(value - expectation.expected) <= expectation.tolerance
+        return _verdict(expectation, PASS if ok else FAIL, f"{value:.2f}", value, notes)
+    difference = read[0][1] - read[1][1]
+    status = PASS if difference >= expectation.margin else FAIL
+    return _verdict(expectation, status, f"{measured} (Δ {difference:+.2f})", difference, notes)
+
+
+def _judge_finished(expectation: Expectation, run_ids: Sequence[str], metrics: Metrics, notes: list[str]) -> Verdict:
+    runs = metrics.runs("counts")
+    finished = [rid for rid in run_ids if rid in runs.flat_configs]
+    absent = sorted({h for rid in finished for h in expectation.heads if h not in metrics.heads(rid)})
+    measured = f"{len(finished)}/{len(run_ids)} run(s) finished"
+    if absent:
+        notes.append(f"head(s) {', '.join(absent)} absent")
+        return _verdict(expectation, FAIL, measured, None, notes)
+    return _verdict(expectation, PASS if len(finished) == len(run_ids) else MISSING, measured, None, notes)
+
+
+def _verdict(expectation: Expectation, status: str, measured: str, value: float | None, notes: list[str]) -> Verdict:
+    if expectation.kind == "value":
+        expected, tolerance = f"{expectation.expected:.2f}", f"± {expectation.tolerance:g}"
+    elif expectation.kind == "order":
+        expected, tolerance = f"Δ ≥ {expectation.margin:+g}", "–"
+    else:
+        expected, tolerance = f"head(s) {', '.join(expectation.heads)}", "–"
+    return Verdict(expectation, status, measured, expected, tolerance, value, notes)
+
+
+def _retry_notes(results: Path, run_ids: Sequence[str]) -> list[str]:
+    notes = []
+    for run_id in dict.fromkeys(run_ids):
+        marker = results / "runs" / run_id / EAGER_RETRY
+        if marker.is_file():
+            error = json.loads(marker.read_text()).get("error", "")
+            notes.append(f"run {run_id} retried eagerly after its compiled first epoch failed ({error})")
+    return notes
+
+
+def exit_code(verdicts: Sequence[Verdict]) -> int:
+    """0 when every expectation passes, 1 otherwise (a failed or a missing measurement)."""
+    return 0 if verdicts and all(v.status == PASS for v in verdicts) else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Projected GPU hours
+
+
+PROJECTION_TEXT = ("projected GPU hours = epochs x training images / the training rate measured on one H200 for the "
+                   "same network and batch (ltbench/reference/h200_throughput.csv, from docs/performance.md), halved "
+                   "with SAM's second pass, + 5 % for evaluation (the default interval's budget); n/a = no measured "
+                   "rate for that network")
+
+
+def throughput_table() -> pd.DataFrame:
+    text = files("ltbench").joinpath("reference/h200_throughput.csv").read_text()
+    data = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
+    return pd.read_csv(io.StringIO(data))
+
+
+def network_of(hparams: Mapping[str, Any]) -> str:
+    """``resnet32@32`` or ``vit-384x6@32/4``: the network and input size, which set the training rate."""
+    if "arch" in hparams:
+        return f"{hparams['arch']}@{hparams['img_size']}"
+    return f"vit-{hparams['embed_dim']}x{hparams['depth']}@{hparams['img_size']}/{hparams['patch_size']}"
+
+
+def projected_hours(job: sw.Job, table: pd.DataFrame) -> float | None:
+    from ltbench import stages
+    from ltbench.engine import EVAL_BUDGET
+    from ltbench.registry import DATASETS
+
+    hp = stages.hparams_of(job.config)
+    rows = table[(table["network"] == network_of(job.config.hparams)) & (table["batch"] == hp.batch_size)]
+    rows = rows[rows["method"].isin([job.config.method, "*"])].sort_values("method", key=lambda m: m == "*")
+    dataset_cls = DATASETS.get(job.config.dataset)
+    if rows.empty or not hasattr(dataset_cls, "train_counts"):
+        return None
+    options = stages._dataset_options(dataset_cls, None, dict(job.config.data))
+    images = sum(dataset_cls.train_counts(options)) * max(0, hp.epochs - job.epochs_done)
+    rate = float(rows["images_per_s"].iloc[0]) / (2 if hp.uses_sam else 1)
+    return images / rate * (1 + EVAL_BUDGET) / 3600
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def verdict_markdown(suite: Suite, verdicts: Sequence[Verdict], plan: sw.SweepPlan, header: Mapping[str, Any]) -> str:
+    passed = sum(v.status == PASS for v in verdicts)
+    lines = [f"## `ltbench reproduce {suite.name}`: {passed}/{len(verdicts)} expectation(s) pass", "",
+             *(f"- {k}: {v}" for k, v in header.items()), "",
+             "| expectation | source | measured | expected | tolerance | verdict |", "|---|---|---|---|---|---|"]
+    for v in verdicts:
+        note = f" ({'; '.join(v.notes)})" if v.notes else ""
+        lines.append(f"| {_md(v.expectation.name)}{_md(note)} | {_md(v.expectation.source)} | {v.measured} | "
+                     f"{v.expected} | {v.tolerance} | **{v.status}** |")
+    lines += ["", "| run | method | preset | dataset | device | wall time | img/s |", "|---|---|---|---|---|---:|---:|"]
+    for row in run_rows(plan):
+        lines.append("| " + " | ".join(str(row[k]) for k in ("run", "method", "preset", "dataset", "device",
+                                                                 "wall time", "img/s")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def run_rows(plan: sw.SweepPlan) -> list[dict[str, str]]:
+    """Each run of the plan with where and how fast it trained (from its result.json)."""
+    rows = []
+    for job in plan.jobs.values():
+        path = plan.results / "runs" / job.run_id / "result.json"
+        result = json.loads(path.read_text()) if job.status == "done" and path.is_file() else {}
+        rho = job.config.data.get("rho")
+        rows.append({"run": job.run_id, "method": job.config.method, "preset": job.config.preset,
+                     "dataset": job.config.dataset + ("" if rho is None else f" ρ={rho:g}"),
+                     "device": result.get("device", job.status),
+                     "wall time": f"{result['wall_time_s'] / 60:.1f} min" if "wall_time_s" in result else "–",
+                     "img/s": f"{result['images_per_s']:,.0f}" if "images_per_s" in result else "–"})
+    return rows
+
+
+def write_verdicts(suite: Suite, verdicts: Sequence[Verdict], plan: sw.SweepPlan, header: dict[str, Any]) -> Path:
+    """``<results>/reproduce/<suite>/verdict.md`` and ``verdict.json``, next to the runs; returns the folder."""
+    from ltbench.records import atomic_write_bytes, atomic_write_json
+
+    folder = plan.results / "reproduce" / suite.name
+    atomic_write_bytes(folder / "verdict.md", verdict_markdown(suite, verdicts, plan, header).encode())
+    atomic_write_json(folder / "verdict.json", {"suite": suite.name, "file": str(suite.path), **header,
+                                                "exit_code": exit_code(verdicts),
+                                                "verdicts": [v.row() for v in verdicts], "runs": run_rows(plan)})
+    return folder
+
+
+def run_header(plan: sw.SweepPlan, wall_s: float, device: str) -> dict[str, Any]:
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device,
+            "wall time of this call": f"{wall_s / 60:.1f} min", "results": str(plan.results),
+            "runs": sw.summarize(plan.jobs.values())}
+
