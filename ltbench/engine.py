@@ -32,7 +32,7 @@ from ltbench.evaluate import Evaluator, predict_split
 from ltbench.method import Method, Upstream, compute_loss
 from ltbench.models import count_parameters
 from ltbench.progress import RunMonitor
-from ltbench.records import RunRecord, atomic_torch_save, atomic_write_json
+from ltbench.records import EPOCH_NUMBERING, RunRecord, atomic_torch_save, atomic_write_json
 from ltbench.sam import SAM
 
 
@@ -261,8 +261,8 @@ class Trainer:
         ckpt = self.record.load_checkpoint(self.device)
         if ckpt is not None:
             self.restore(ckpt)
-            self.runtime.echo(f"Resuming {self.record.run_id} from epoch {self.start_epoch}.")
-        rows = [r for r in self.record.metrics(note=self.runtime.echo) if r["epoch"] < self.start_epoch]
+            self.runtime.echo(f"Resuming {self.record.run_id} after epoch {self.start_epoch}/{self.hp.epochs}.")
+        rows = [r for r in self.record.metrics(note=self.runtime.echo) if r["epoch"] <= self.start_epoch]
         if self.dist.is_main:
             self.record.write_metrics(rows)
         eval_loader, final = self._eval_loader(), None
@@ -307,7 +307,7 @@ class Trainer:
         self.train_images += images
         n_steps = max(1, step + 1)
         return {
-            "epoch": epoch,
+            "epoch": epoch + 1,  # 1-based in every file (records.EPOCH_NUMBERING)
             "lr": self.optimizer.param_groups[0]["lr"],
             "train": {k: float(v) / n_steps for k, v in sums.items()},  # one host sync per epoch
             "epoch_time_s": elapsed,
@@ -367,7 +367,7 @@ class Trainer:
         """Full metrics of the current weights; the best epoch so far is updated."""
         metrics = self._evaluate_full(loader, keep_logits=keep_logits)
         if self.best is None or metrics["heads"]["main"]["top1"] > self.best["heads"]["main"]["top1"]:
-            self.best = {"epoch": epoch, **{k: v for k, v in metrics.items() if not k.startswith("_")}}
+            self.best = {"epoch": epoch + 1, **{k: v for k, v in metrics.items() if not k.startswith("_")}}
         return metrics
 
     def predict(self, loader, predict_fn=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -409,7 +409,8 @@ class Trainer:
             "method": self.config.method,
             "dataset": self.config.dataset,
             "class_counts": list(self.data.info.train_counts),
-            "final": {"epoch": self.hp.epochs - 1, **final},
+            "final": {"epoch": self.hp.epochs, **final},
+            "epoch_numbering": EPOCH_NUMBERING,
             "best": self.best,
             "eval_every": self.eval_every,
             "selection": "final = last epoch; best = epoch with the highest main-head top-1 on the test split "

@@ -3,6 +3,11 @@
 ``results/runs/<run_id>/`` holds ``config.json``, ``env.json``, ``metrics.jsonl`` (one line per
 epoch), ``checkpoint.pt`` (latest full state), ``result.json`` and ``DONE``. Every write is atomic
 (temporary file + rename) and ``DONE`` is written last, so a folder without it is never trusted.
+
+Epochs in these files count from 1, as people do: the ``epoch`` of a metrics line and of ``result.json``'s
+``final`` / ``best`` is the epoch just completed (1 = the first), and ``checkpoint.pt``'s ``epoch`` is the number
+of epochs done. ``result.json`` says so under ``epoch_numbering``. (Hyperparameters that name points of the
+schedule, such as ``milestones`` or ``drw_epoch``, keep their published 0-based meaning.)
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
 CHECKPOINT = "checkpoint.pt"
+EPOCH_NUMBERING = "1-based: epoch 1 is the first; an epoch field names the epoch just completed"
 DONE = "DONE"
 LOCK = ".lock"
 TMP_SUFFIX = ".tmp"  # atomic writes go through .<name>.<random>.tmp next to the target

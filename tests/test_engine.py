@@ -29,7 +29,8 @@ def test_run_folder_contents(tmp_path):
     names = {p.name for p in record.path.iterdir() if not p.name.startswith(".")}
     assert {"config.json", "env.json", "metrics.jsonl", "checkpoint.pt", "result.json", "DONE"} <= names
     result = record.result()
-    assert result["final"]["epoch"] == 1 and result["best"]["epoch"] in (0, 1)
+    assert result["final"]["epoch"] == 2 and result["best"]["epoch"] in (1, 2)  # 1-based in the files
+    assert result["epoch_numbering"].startswith("1-based")
     assert set(result["final"]["heads"]["main"]) >= {"top1", "per_class", "ece", "counts", "paper"}
     assert result["images_per_s"] > 0 and result["parameters"] > 0 and result["class_counts"][0] == 60
     assert len(record.metrics()) == 2
@@ -51,7 +52,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert a["final"]["heads"] == b["final"]["heads"] and a["best"] == b["best"]
     sa, sb = full.load_checkpoint()["modules"]["model"], resumed.load_checkpoint()["modules"]["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert [r["epoch"] for r in resumed.metrics()] == [0, 1, 2]
+    assert [r["epoch"] for r in resumed.metrics()] == [1, 2, 3]
 
 
 def test_same_config_is_a_no_op(tmp_path):
@@ -106,7 +107,7 @@ def test_automatic_interval_evaluates_on_schedule_and_at_the_end(tmp_path):
     record = stages.ensure(config, _runtime(tmp_path))
     # 105 training images (drop_last: 3 steps of 32 = 96 per epoch), 160 test: ceil(160 / (0.05 * 3 * 96)) = 12
     assert record.result()["eval_every"] == 12
-    assert [r["epoch"] for r in record.metrics() if "eval" in r] == [4]
+    assert [r["epoch"] for r in record.metrics() if "eval" in r] == [5]
 
 
 def test_compiled_steps_match_eager_ones(tmp_path):

@@ -208,7 +208,7 @@ def test_sweep_completes_resumes_and_is_idempotent(cli, tmp_path):
         assert (run / "DONE").is_file() and len(lines) == 2
         assert lines[0] + "\n" == first_epoch[run.name]  # epoch 0 was kept, not retrained
         result = json.loads((run / "result.json").read_text())
-        assert result["final"]["epoch"] == 1 and Path(result["run_id"]).name == run.name
+        assert result["final"]["epoch"] == 2 and Path(result["run_id"]).name == run.name
     status = json.loads(next((tmp_path / "sweeps").glob("*/status.json")).read_text())
     assert {r["status"] for r in status["runs"].values()} == {"done"}
     # 3) A third call trains nothing and starts no Ray.
