@@ -196,13 +196,15 @@ class RunRecord:
         atomic_write_bytes(self.path / DONE, b"")
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
         """Exclusive lock so that two processes (e.g. sweep trials sharing a teacher) never train one run twice.
+
+        The lock file holds the holder's pid; ``on_wait`` hears once, with that pid, when another process holds it.
 
         The holder removes temporaries that a killed writer left behind; a failure before anything was
         written (e.g. the data did not load) removes the folder again, so no empty run folder remains.
         """
-        fh = self._acquire()
+        fh = self._acquire(on_wait)
         try:
             for stale in self.path.glob(f".*{TMP_SUFFIX}"):
                 stale.unlink(missing_ok=True)
@@ -217,18 +219,34 @@ class RunRecord:
             fcntl.flock(fh, fcntl.LOCK_UN)
             fh.close()
 
-    def _acquire(self) -> IO[str]:
+    def _acquire(self, on_wait: Callable[[str], None] | None) -> IO[str]:
         while True:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
                 fh = open(self.path / LOCK, "a")  # noqa: SIM115 - held until lock() releases it
             except OSError as exc:
                 raise write_error(self.path / LOCK, exc) from exc
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait:
+                    on_wait(f"waiting for run {self.run_id} (held by pid {self._lock_holder()}: another process is "
+                            f"training it)")
+                    on_wait = None  # once
+                fcntl.flock(fh, fcntl.LOCK_EX)
             with contextlib.suppress(FileNotFoundError):
                 if os.fstat(fh.fileno()).st_ino == os.stat(self.path / LOCK).st_ino:
+                    fh.truncate(0)  # append mode: the pid lands at the start
+                    fh.write(f"{os.getpid()}\n")
+                    fh.flush()
                     return fh
             fh.close()  # the previous holder removed its empty folder while we waited: lock the new one
+
+    def _lock_holder(self) -> str:
+        try:
+            return (self.path / LOCK).read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
 
 
 def runs_dir(results: Path) -> Path:

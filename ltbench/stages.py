@@ -80,7 +80,7 @@ def preset_layers(preset: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str
 def apply_layer(hp: Any, layer: Mapping[str, Any], what: str) -> Any:
     """Typed overrides; when they change ``epochs``, the epoch points not in ``layer`` are rescaled first."""
     updated = cfgmod.apply_overrides(hp, layer, what)
-    if updated.epochs != hp.epochs and updated.epochs >= 1:
+    if updated.epochs != hp.epochs and min(updated.epochs, hp.epochs) >= 1:  # (a training-free method has 0)
         updated = cfgmod.apply_overrides(cfgmod.rescale_epochs(hp, updated.epochs, keep=layer), layer, what)
     return updated
 
@@ -122,9 +122,11 @@ def ensure(config: RunConfig, runtime: Runtime) -> RunRecord:
     ctx = distributed.context()
     if not ctx.enabled:
         _check_writable(runtime)
-        with record.lock():
+        with record.lock(on_wait=runtime.echo):
             if not record.done:  # another process may have finished it while we waited for the lock
                 train(config, record, runtime, upstream)
+            else:
+                runtime.echo(f"Run {record.run_id} was finished by the process we waited for, nothing trained.")
         return record
     # torchrun: all ranks train together; rank 0 alone checks, writes and marks the run done.
     if ctx.is_main:
@@ -231,8 +233,8 @@ def environment(runtime: Runtime) -> dict[str, Any]:
         "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
         "numpy": numpy.__version__, "platform": platform.platform(), "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cpu_count": __import__("os").cpu_count(), "runtime": {k: str(v) for k, v in dataclasses.asdict(runtime).items()
-                                                              if k != "echo"},
+        "cpu_count": __import__("os").cpu_count(), "torch_threads": runtime.cpu_threads(),
+        "runtime": {k: str(v) for k, v in dataclasses.asdict(runtime).items() if k != "echo"},
     }
 
 

@@ -378,14 +378,11 @@ def runtime_fields(runtime: Any) -> dict[str, Any]:
 
 def train_trial(params: dict[str, Any], configs: Mapping[str, dict], runtime: Mapping[str, Any]) -> None:
     """The Ray trial: exactly ``ltbench run`` on one config (reuse if done, resume if partial)."""
-    import torch
-
     from ltbench import stages
     from ltbench.engine import Runtime
 
-    cpus = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    if cpus > 0:
-        torch.set_num_threads(cpus)
+    # torch threads = the CPUs Ray gave this trial (unless --threads), so parallel trials do not oversubscribe
+    runtime = {**runtime, "threads": runtime.get("threads") or _trial_cpus()}
     config = RunConfig.from_dict(configs[params["run_id"]])
     gpus = _trial_gpus()
     if gpus > 1:  # Ray placed this trial on several GPUs: one process per GPU, as torchrun would
@@ -398,6 +395,19 @@ def train_trial(params: dict[str, Any], configs: Mapping[str, dict], runtime: Ma
     if record.done:
         metrics["top1"] = record.result()["final"]["heads"]["main"]["top1"]
     _report(metrics)
+
+
+def _trial_cpus() -> int | None:
+    """The CPUs Ray gave this trial, in whole threads (at least 1); None outside a Ray worker."""
+    import ray
+
+    if not ray.is_initialized():  # get_runtime_context would start a Ray here
+        return None
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # the driver, not a worker
+        return None
+    return None if cpus is None else max(1, int(cpus))
 
 
 def _trial_gpus() -> int:
@@ -522,9 +532,17 @@ def _start_ray(resources: Resources) -> bool:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"Cannot connect to the Ray cluster at {resources.address}: {exc}") from exc
         return True
-    ray.init(address="local", num_cpus=resources.num_cpus or os.cpu_count(), num_gpus=resources.num_gpus
-             if resources.num_gpus is not None else _visible_gpus(), include_dashboard=False,
-             logging_level=logging.WARNING, log_to_driver=False, runtime_env=env)
+    # Ray enables token authentication for a new local cluster by default and announces it with a warning on
+    # every start unless RAY_AUTH_MODE is set; keep that secure default for this private cluster, without the notice.
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notice.level
+    notice.setLevel(logging.ERROR)
+    try:
+        ray.init(address="local", num_cpus=resources.num_cpus or os.cpu_count(), num_gpus=resources.num_gpus
+                 if resources.num_gpus is not None else _visible_gpus(), include_dashboard=False,
+                 logging_level=logging.WARNING, log_to_driver=False, runtime_env=env)
+    finally:
+        notice.setLevel(level)
     return True
 
 

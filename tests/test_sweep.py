@@ -190,10 +190,25 @@ def _run_dirs(results: Path) -> list[Path]:
     return sorted(p for p in (results / "runs").iterdir() if p.is_dir())
 
 
-def test_sweep_completes_resumes_and_is_idempotent(cli, tmp_path):
+@pytest.fixture
+def ray_token_notices():
+    """Records of Ray's "Token authentication is enabled for this Ray cluster" warning (its own logger)."""
+    import logging
+
+    notices: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = notices.append
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    logger.addHandler(handler)
+    yield notices
+    logger.removeHandler(handler)
+
+
+def test_sweep_completes_resumes_and_is_idempotent(cli, tmp_path, ray_token_notices):
     args = ["sweep", *GRID, "--results", str(tmp_path), "--cpus-per-trial", "1"]
     # 1) Every run stops after its first epoch: the state a crash midway leaves behind.
     first = cli(*args, "--stop-after-epochs", "1")
+    assert ray_token_notices == []  # the local Ray keeps token authentication without announcing it
     runs = _run_dirs(tmp_path)
     assert len(runs) == 8, first.output
     assert all((r / "checkpoint.pt").is_file() and not (r / "DONE").exists() for r in runs)
