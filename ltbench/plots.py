@@ -1,7 +1,9 @@
 """Figures from run folders (matplotlib, PNG and PDF), on the same rows and selection as the tables.
 
 * ``per_class_<dataset>_rho<r>``: per-class test accuracy against the class's training images
-  (log x), one line per table row (mean over seeds), which shows where each method gains: head or tail.
+  (log x, plain numbers), one line per table row (mean over seeds, with a band of ± one standard deviation
+  when there are several), which shows where each method gains: head or tail. Dotted lines mark the
+  many / medium / few boundaries of the counts rule (> 100 / 20-100 / < 20 training images).
 * ``cls_dist_<row>_<dataset>_rho<r>``: for distilled runs, the CLS and DIST heads' per-class accuracy
   against training images; DeiT-LT's claim is that CLS is the head expert and DIST the tail expert.
 """
@@ -16,6 +18,9 @@ import numpy as np
 
 from ltbench.report import ReportOptions, RunSet, label_rows, natural_key
 
+# The counts rule's group boundaries (report.SPLIT_TEXT["counts"]) and the regions they separate, head first.
+GROUP_BOUNDARIES = (100, 20)
+GROUP_NAMES = ("many", "medium", "few")
 HEAD_STYLE = {"main": ("average (main)", "--", "0.4"), "cls": ("CLS head", "-", "tab:blue"),
               "dist": ("DIST head", "-", "tab:orange")}
 
@@ -42,15 +47,18 @@ def write_plots(runs: RunSet, out_dir: Path, options: ReportOptions | None = Non
     return written
 
 
-def _mean_curve(runs: RunSet, run_ids: list[str], head: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """Training counts and the per-class accuracy averaged over the runs (seeds), sorted by count."""
+def _mean_curve(runs: RunSet, run_ids: list[str], head: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Training counts, and the per-class accuracy's mean and standard deviation over the runs (seeds; the
+    deviation is NaN for one run), sorted by count."""
     curves = [runs.per_class[r]["heads"].get(head) for r in run_ids]
     counts = runs.per_class[run_ids[0]]["class_counts"]
     if counts is None or any(c is None for c in curves):
         return None
-    acc = np.nanmean(np.array([[math.nan if v is None else v for v in c] for c in curves], dtype=float), axis=0)
+    acc = np.array([[math.nan if v is None else v for v in c] for c in curves], dtype=float)
+    mean = np.nanmean(acc, axis=0)
+    std = np.nanstd(acc, axis=0, ddof=1) if len(curves) > 1 else np.full_like(mean, math.nan)
     order = np.argsort(-np.asarray(counts), kind="stable")
-    return np.asarray(counts, dtype=float)[order], acc[order]
+    return np.asarray(counts, dtype=float)[order], mean[order], std[order]
 
 
 def _per_class_figure(runs: RunSet, cell, title: str):
@@ -59,9 +67,30 @@ def _per_class_figure(runs: RunSet, cell, title: str):
         run_ids = list(cell.loc[cell["row"] == row, "run_id"])
         curve = _mean_curve(runs, run_ids, "main")
         if curve is not None:
-            axes.plot(*curve, marker="o", markersize=3, linewidth=1.2, label=f"{row} (n={len(run_ids)})")
-    _decorate(axes, f"{title}: per-class accuracy")
+            counts, mean, std = curve
+            (line,) = axes.plot(counts, mean, marker="o", markersize=3, linewidth=1.2,
+                                label=f"{row} (n={len(run_ids)})")
+            if not np.isnan(std).all():
+                axes.fill_between(counts, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    _mark_groups(axes, runs.per_class[cell["run_id"].iloc[0]]["class_counts"] or [])
+    _decorate(axes, f"{title}: per-class accuracy (band: ± 1 std over seeds)")
     return figure
+
+
+def _mark_groups(axes, counts: list[int]) -> None:
+    """Dotted boundaries between many / medium / few, and each group's name at the top of its region."""
+    if not counts:
+        return
+    low, high = min(counts), max(counts)
+    for boundary in GROUP_BOUNDARIES:
+        if low < boundary < high:
+            axes.axvline(boundary, color="0.5", linestyle=":", linewidth=1)
+    edges = (math.inf, GROUP_BOUNDARIES[0] + 0.5, GROUP_BOUNDARIES[1] - 0.5, 0)  # many > 100 >= medium >= 20 > few
+    for name, upper, lower in zip(GROUP_NAMES, edges, edges[1:]):
+        members = [c for c in counts if lower < c < upper]
+        if members:  # the group's name centred over its classes
+            axes.text(math.sqrt(min(members) * max(members)), 101, name, ha="center", va="bottom", fontsize=8,
+                      color="0.4")
 
 
 def _heads_figure(runs: RunSet, group, title: str):
@@ -71,7 +100,7 @@ def _heads_figure(runs: RunSet, group, title: str):
         curve = _mean_curve(runs, run_ids, head)
         if curve is not None:
             label, style, color = HEAD_STYLE[head]
-            axes.plot(*curve, linestyle=style, color=color, marker="o", markersize=3, linewidth=1.2, label=label)
+            axes.plot(*curve[:2], linestyle=style, color=color, marker="o", markersize=3, linewidth=1.2, label=label)
     _decorate(axes, f"{title} (n={len(run_ids)})")
     return figure
 
@@ -84,11 +113,16 @@ def _figure():
 
 
 def _decorate(axes, title: str) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     axes.set_xscale("log")
+    axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))  # 200, not 2×10²
+    axes.xaxis.set_minor_formatter(NullFormatter())
     axes.invert_xaxis()  # head classes on the left, tail on the right, as LT papers draw it
     axes.set_xlabel("training images of the class (log scale)")
     axes.set_ylabel("test accuracy (%)")
-    axes.set_ylim(-2, 102)
+    axes.set_ylim(-2, 106)  # room for the group names above 100 %
     axes.set_title(title, fontsize=10)
     axes.grid(True, which="major", alpha=0.3)
     axes.legend(fontsize=8)

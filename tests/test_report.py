@@ -248,3 +248,17 @@ def test_latex_is_a_table_to_paste_and_standalone_wraps_the_same_table_in_a_docu
     assert document.startswith("\\documentclass") and document.endswith("\\end{document}\n")
     float_ = table[table.index("\\begin{table}"):]
     assert float_ in document and "\\usepackage{booktabs}" in document
+
+
+def test_per_class_plot_marks_the_groups_bands_the_seeds_and_labels_ticks_plainly():
+    from ltbench import plots
+
+    runs = rp.load_runs(GOLDEN)
+    frame = runs.frame.drop_duplicates("run_id")
+    frame = frame.assign(row=frame["run_id"].map(rp.label_rows(runs)))
+    cell = frame[(frame["dataset"] == "cifar100lt") & (frame["rho"] == 100)]  # deitlt: 3 seeds, erm_vit: 1
+    axes = plots._per_class_figure(runs, cell, "cifar100lt").axes[0]
+    assert sorted(line.get_xdata()[0] for line in axes.lines if line.get_linestyle() == ":") == [20, 100]
+    assert [text.get_text() for text in axes.texts] == ["many", "medium", "few"]
+    assert len(axes.collections) == 1  # a band for the row with several seeds only
+    assert [axes.xaxis.get_major_formatter()(v, 0) for v in (5, 200, 5000)] == ["5", "200", "5,000"]
