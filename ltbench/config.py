@@ -42,6 +42,9 @@ class TrainHparams:
     # Fields that name 0-based epochs of the schedule; changing ``epochs`` rescales them (rescale_epochs).
     # ``milestones`` are timm's (a decay applies from epoch m - 1). Subclasses extend the tuple.
     EPOCH_POINTS: ClassVar[tuple[str, ...]] = ("warmup_epochs", "milestones", "sam_rho_epochs")
+    # Hook: a method that trains nothing (tau-normalisation) sets 0 and epochs = 0; its run evaluates the model
+    # as built and checkpoints it.
+    min_epochs: ClassVar[int] = 1
 
     epochs: int = 200
     batch_size: int = 128  # the global batch: micro-batches x accumulation x devices
@@ -73,7 +76,7 @@ class TrainHparams:
 
     def validate(self) -> None:
         """Reject contradictory or out-of-range settings with a message that says which field."""
-        _check(self.epochs >= 1, "epochs must be >= 1")
+        _check(self.epochs >= self.min_epochs, f"epochs must be >= {self.min_epochs}")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.lr > 0, "lr must be > 0")
         _check(self.optimizer in {"sgd", "adamw"}, f"optimizer must be sgd or adamw, not {self.optimizer!r}")
@@ -85,7 +88,7 @@ class TrainHparams:
         )
         _check(self.eval_every >= 0, "eval_every must be >= 0 (0 = automatic, at most 5 % of training compute)")
         _check(self.repeated_aug >= 1, "repeated_aug must be >= 1")
-        _check(self.warmup_epochs < self.epochs or self.epochs == 1, "warmup_epochs must be < epochs")
+        _check(self.warmup_epochs < self.epochs or self.epochs <= 1, "warmup_epochs must be < epochs")
         _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, not "
                                              f"{self.precision!r}")
         _check(not (self.precision == "fp16" and self.uses_sam), "precision=fp16 cannot be combined with SAM "

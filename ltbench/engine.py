@@ -96,8 +96,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    return torch.bfloat16 if device.type == "cuda" else None
+def autocast_dtype(device: torch.device, precision: str = "bf16") -> torch.dtype | None:
+    """The autocast dtype of ``precision`` (bf16 | fp16 | fp32) on ``device``; None (fp32) off the GPU."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +118,9 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
-        self.amp = autocast_dtype(self.device)
+        self.amp = autocast_dtype(self.device, hp.precision)
+        # fp16 overflows without loss scaling (DeiT's released recipe: autocast + GradScaler)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None
         torch.set_num_threads(runtime.cpu_threads())
         seed_everything(seed_hash(config.seed, "init"))
         self.method = method_cls(hp, data.info, self.device, upstream)
@@ -211,15 +216,24 @@ class Trainer:
             images, labels, recipe = self.device_inputs
             return DeviceBatches(images, labels, recipe, self.hp.batch_size, seed=seed, drop_last=drop_last,
                                  repeated_aug=self.hp.repeated_aug, micro_batch=self.micro, rank=self.dist.rank,
-                                 world=self.dist.world)
+                                 world=self.dist.world, sampler=self._sampler())
         return augment.train_loader(
             self.data.train, self.method.train_transform(), self.hp.batch_size, self.micro, seed=seed,
             workers=self._workers(), drop_last=drop_last, repeated_aug=self.hp.repeated_aug,
             pin_memory=self.device.type == "cuda", rank=self.dist.rank, world=self.dist.world,
+            sampler=self._sampler(),
         )
+
+    def _sampler(self) -> str:
+        """Hook: a method whose Hparams have a ``sampler`` field (``augment.SAMPLERS``: instance | class_balanced)
+        gets that sampling for its training epochs, on the CPU loader and on the device alike."""
+        return getattr(self.hp, "sampler", "instance")
 
     def _steps_per_epoch(self) -> int:
         n = len(self.data.train)
+        if self._sampler() != "instance":  # a class-balanced epoch has its own length
+            n = len(augment.epoch_order(n, self.data.train.labels, torch.Generator(), self._sampler(),
+                                        self.hp.repeated_aug))
         if self.hp.repeated_aug > 1:
             n = (n // 256) * 256 if n >= 256 else n
         if getattr(self.hp, "drop_last", False):
@@ -235,6 +249,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": {"torch": torch.get_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
                                                               *np_state[2:]], "python": list(random.getstate()[1])},
             "best": self.best,
@@ -250,6 +265,8 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt["scheduler"])
             if self.ema and ckpt.get("ema"):
                 self.ema.load_state_dict(ckpt["ema"])
+            if self.scaler and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
             self.start_epoch, self.best = ckpt["epoch"], ckpt["best"]
             self.train_time, self.train_images = ckpt["train_time"], ckpt["train_images"]
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # missing entries, tensor shape mismatch
@@ -281,6 +298,8 @@ class Trainer:
                     self.record.write_metrics(rows)
                     atomic_torch_save(self.record.checkpoint_path, self.state(epoch + 1))
                 self.monitor.epoch_done(row)
+        if self.hp.epochs == 0 and self.dist.is_main:  # a method that trains nothing: its checkpoint is the model built
+            atomic_torch_save(self.record.checkpoint_path, self.state(0))
         return self.finish(eval_loader, rows, final)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -330,7 +349,11 @@ class Trainer:
             self.sam.ascend(self._sam_rho(epoch))
             self._accumulate(prepared, scale)
             self.sam.descend()
-        self.optimizer.step()
+        if self.scaler is not None:  # unscales, skips the step on inf/nan gradients, adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.method.after_step()
         if self.ema is not None:
             self.ema.update(self.method.trainable())
@@ -344,7 +367,8 @@ class Trainer:
         for batch, n in prepared:
             with self._autocast():
                 loss, parts = compute_loss(self.method, batch)
-            (loss * (n * scale)).backward()
+            weighted = loss * (n * scale)
+            (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
             for k, v in {"loss": loss, **parts}.items():
                 logs[k] = logs.get(k, 0) + v.detach().float() * (n / local)
         if self.dist.enabled:

@@ -21,7 +21,8 @@ from ltbench.registry import METHODS
 
 
 class FrozenTeacher:
-    def __init__(self, upstream: Upstream, student_info: DatasetInfo, device: torch.device) -> None:
+    def __init__(self, upstream: Upstream, student_info: DatasetInfo, device: torch.device,
+                 antialias: bool = False) -> None:
         from ltbench.stages import hparams_of
 
         config, record = upstream.config, upstream.record
@@ -39,6 +40,7 @@ class FrozenTeacher:
         spec = result.get("teacher_spec", {})
         self.input_size = int(spec.get("input_size", student_info.image_size))
         self.run_id = record.run_id
+        self.antialias = antialias
         self.label_map = _label_map(config, student_info, device)
 
     def modules(self) -> list[torch.nn.Module]:
@@ -46,17 +48,19 @@ class FrozenTeacher:
 
     @torch.no_grad()
     def labels(self, x: torch.Tensor) -> torch.Tensor:
-        """Hard teacher labels y_t = argmax g(x) in the student's label space.
-
-        The student's (augmented, mixed) batch is resized to the teacher's input size with bicubic
-        interpolation *with* antialiasing; DeiT-LT's code resized 224 -> 32 without it (torchvision 0.15),
-        which aliases high frequencies the teacher never saw in training.
-        """
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", antialias=True,
-                              align_corners=False)
-        y_t = self.method.predict(x)["main"].argmax(dim=1)
+        """Hard teacher labels y_t = argmax g(x) in the student's label space, for the student's (augmented,
+        mixed) batch resized to the teacher's input size (:func:`teacher_input`)."""
+        y_t = self.method.predict(teacher_input(x, self.input_size, self.antialias))["main"].argmax(dim=1)
         return self.label_map[y_t] if self.label_map is not None else y_t
+
+
+def teacher_input(x: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
+    """The batch at the teacher's input size: bicubic, by default *without* antialiasing, as DeiT-LT's
+    ``transforms.Resize(size, bicubic)`` on a tensor batch under torchvision 0.15 (224 -> 32 on CIFAR aliases
+    high frequencies; that is part of the out-of-distribution signal the released student learned from)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=antialias, align_corners=False)
 
 
 def _label_map(config, student_info: DatasetInfo, device: torch.device) -> torch.Tensor | None:

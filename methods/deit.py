@@ -43,6 +43,7 @@ class DeiTHparams(ViTHparams):
     teacher_preset: str = ""  # the teacher's preset; "" = the student's (a SAM teacher takes its SAM variant)
     teacher_overrides: tuple[str, ...] = ()  # KEY=VALUE hyperparameters of the teacher run, e.g. epochs=100
     distillation_alpha: float = 0.5
+    teacher_antialias: bool = False  # True: antialias the resize to the teacher's size (released code: no)
 
     def validate(self) -> None:
         super().validate()
@@ -94,7 +95,7 @@ class DeiT(ERMViT):
 
     def __init__(self, hp: DeiTHparams, info, device, upstream) -> None:
         super().__init__(hp, info, device, upstream)
-        self.teacher = FrozenTeacher(upstream["teacher"], info, device)
+        self.teacher = FrozenTeacher(upstream["teacher"], info, device, antialias=hp.teacher_antialias)
         self.heads = functools.partial(distilled_heads, self.model)  # (CLS logits, DIST logits)
 
     def compile(self, **options: Any) -> None:
@@ -122,8 +123,9 @@ class DeiT(ERMViT):
         return {"main": (cls_logits + dist_logits) / 2, "cls": cls_logits, "dist": dist_logits}
 
     def describe(self) -> dict[str, Any]:
-        return {"teacher": {"run_id": self.teacher.run_id, "input_size": self.teacher.input_size,
-                            "resize": "bicubic, antialiased"}}
+        resize = "bicubic, " + ("antialiased" if self.hp.teacher_antialias else "no antialiasing")
+        return {"teacher": {"run_id": self.teacher.run_id, "input_size": self.teacher.input_size, "resize": resize,
+                            "input_normalisation": self.hp.normalize}}
 
     def diagnostics(self, x: torch.Tensor) -> dict[str, Any]:
         self.model.eval()

@@ -81,7 +81,8 @@ class ViTHparams(TrainHparams):
 
     def inert_fields(self) -> tuple[str, ...]:
         unused_augment = ("auto_augment", "re_prob", "crop_scale_min") if self.augment == "none" else ()
-        unused_mixing = ("mixup_prob", "mixup_switch_prob") if self.mixup <= 0 and self.cutmix <= 0 else ()
+        unused_mixing = ("mixup_prob", "mixup_switch_prob", "mixup_batch") if self.mixup <= 0 and self.cutmix <= 0 \
+            else ()
         return (*super().inert_fields(), *unused_augment, *unused_mixing)
 
 

@@ -19,16 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from ltbench.methods.erm_cnn import (
-    ERMCNN,
-    LARGE_DATASETS,
-    SADDLE_LARGE,
-    SHORT_CIFAR,
-    SHORT_LARGE,
-    TINY,
-    CNNHparams,
-    layered,
-)
+from ltbench.methods.erm_cnn import ERMCNN, LARGE_DATASETS, SADDLE_LARGE, SHORT, TINY, CNNHparams, layered
 
 from ltbench.config import _check
 from ltbench.losses import effective_number_weights, ldam_loss, ldam_margins
@@ -36,6 +27,8 @@ from ltbench.losses import effective_number_weights, ldam_loss, ldam_margins
 
 @dataclass
 class LDAMHparams(CNNHparams):
+    EPOCH_POINTS = (*CNNHparams.EPOCH_POINTS, "drw_epoch")
+
     classifier: str = "normed"
     max_m: float = 0.5  # margin of the rarest class
     scale: float = 30.0  # s, the logit scale
@@ -56,10 +49,6 @@ LDAM_PAPER = layered({"*": {"workers": 8}}, SADDLE_LARGE, _LDAM_LARGE)
 LDAM_SAM = {"*": {"sam_rho": 0.8},
             **{name: {"sam_rho": 0.0, "sam_rho_steps": [0.05, 0.1, 0.5, 0.5], "sam_rho_epochs": [5, 60, 75]}
                for name in LARGE_DATASETS}}
-# The quarter-length versions keep the shape: DRW at 40 of 50 (CIFAR) and 16 of 24 (large), SAM steps scaled alike.
-_LDAM_SHORT = {"*": {"drw_epoch": 40}, **{name: {"drw_epoch": 16} for name in LARGE_DATASETS}}
-_LDAM_SHORT_SAM = {name: {"sam_rho_epochs": [1, 16, 20]} for name in LARGE_DATASETS}
-LDAM_SHORT = layered({"*": SHORT_CIFAR}, SADDLE_LARGE, _LDAM_LARGE, SHORT_LARGE, _LDAM_SHORT)
 LDAM_TINY = layered(TINY, {"*": {"lr": 0.05, "drw_epoch": 1}})  # LDAM's s = 30 loss needs a larger lr to move
 
 
@@ -70,8 +59,9 @@ class LDAMDRW(ERMCNN):
     presets = {
         "paper": LDAM_PAPER,
         "sam": layered(LDAM_PAPER, LDAM_SAM),
-        "short": LDAM_SHORT,
-        "short_sam": layered(LDAM_SHORT, LDAM_SAM, _LDAM_SHORT_SAM),
+        # the paper recipes at a quarter of the epochs: DRW at 40 of 50 (CIFAR) and 16 of 24 (large), SAM steps alike
+        "short": [LDAM_PAPER, SHORT],
+        "short_sam": [layered(LDAM_PAPER, LDAM_SAM), SHORT],
         "tiny": LDAM_TINY,
         "tiny_sam": layered(LDAM_TINY, LDAM_SAM),
     }

@@ -145,11 +145,17 @@ def test_teacher_run_by_reference(results):
     assert upstream["teacher"].record.path == teacher.path
 
 
+def test_teacher_resize_follows_the_hparam(results):
+    """The teacher resizes without antialiasing unless teacher_antialias=true (tests/test_fidelity.py)."""
+    assert _trainer(results).method.teacher.antialias is False
+    assert _trainer(results, extra=["teacher_antialias=true"]).method.teacher.antialias is True
+
+
 def test_drw_epoch_must_be_inside_the_schedule():
     from ltbench.errors import UserError
 
-    with pytest.raises(UserError, match="drw_epoch"):
-        stages.make_config("deitlt", "cifar10lt", rho=100, epochs=50)
+    with pytest.raises(UserError, match="drw_epoch"):  # an explicit value is kept as given, then checked
+        stages.make_config("deitlt", "cifar10lt", rho=100, epochs=50, sets=["drw_epoch=60"])
 
 
 @pytest.mark.parametrize(("student_preset", "dataset", "teacher_preset", "sam"), [

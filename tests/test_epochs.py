@@ -1,0 +1,87 @@
+"""`--epochs N` rescales every epoch-valued point of a schedule; an explicit `--set` still wins."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import entry_points
+
+import pytest
+
+from ltbench import stages
+from ltbench.config import TrainHparams, rescale_epochs
+from ltbench.registry import METHODS
+from tests.conftest import FAST_VIT, set_args
+
+SMALL_DATA = ["data.n_max=40", "data.n_test=4", "data.num_classes=4", "data.rho=8"]
+BUILT_IN = sorted(ep.name for ep in entry_points(group="ltbench.methods") if ep.value.startswith("ltbench.methods."))
+
+
+def test_points_scale_proportionally_rounded_half_up():
+    hp = TrainHparams(epochs=200, warmup_epochs=5, milestones=(161, 181), sam_rho_steps=(0.1, 0.5),
+                      sam_rho_epochs=(60,))
+    short = rescale_epochs(hp, 50)
+    # 5 * 0.25 = 1.25 -> 1; timm milestones m apply from epoch m - 1: 160 -> 40, 180 -> 45; 60 -> 15
+    assert (short.epochs, short.warmup_epochs, short.milestones, short.sam_rho_epochs) == (50, 1, (41, 46), (15,))
+    assert rescale_epochs(TrainHparams(epochs=10, warmup_epochs=1), 5).warmup_epochs == 1  # 0.5 rounds up
+    assert rescale_epochs(hp, 50, keep={"milestones"}).milestones == (161, 181)
+
+
+def test_phases_survive_short_runs_and_switched_off_phases_stay_off():
+    hp = stages.make_config("deitlt", "cifar10lt", rho=100, preset="paper").hparams
+    assert (hp["epochs"], hp["drw_epoch"]) == (1200, 1100)
+    two = stages.make_config("deitlt", "cifar10lt", rho=100, preset="paper", epochs=2).hparams
+    assert (two["drw_epoch"], two["warmup_epochs"]) == (1, 1)  # both phases keep one epoch
+    one = stages.make_config("deitlt", "cifar10lt", rho=100, preset="paper", epochs=1).hparams
+    assert (one["drw_epoch"], one["warmup_epochs"]) == (0, 0)
+    off = stages.make_config("ldam_drw", "cifar10lt", rho=100, epochs=100, sets=["drw_epoch=400"]).hparams
+    assert off["drw_epoch"] == 400  # explicit: kept as given
+    config = stages.make_config("ldam_drw", "cifar10lt", rho=100, preset="tiny", sets=["drw_epoch=5", "epochs=4"])
+    assert config.hparams["drw_epoch"] == 5  # past the end (DRW off) in the same layer: as given
+
+
+def test_explicit_set_wins_and_set_epochs_rescales_like_the_option():
+    by_option = stages.make_config("deitlt", "cifar10lt", rho=100, preset="paper", epochs=120)
+    by_set = stages.make_config("deitlt", "cifar10lt", rho=100, preset="paper", sets=["epochs=120"])
+    assert by_option.run_id == by_set.run_id and by_option.hparams["drw_epoch"] == 110
+    pinned = stages.make_config("deitlt", "cifar10lt", rho=100, preset="paper", epochs=120, sets=["drw_epoch=100"])
+    assert (pinned.hparams["drw_epoch"], pinned.hparams["warmup_epochs"]) == (100, 1)
+
+
+def test_short_presets_are_the_paper_recipes_at_fewer_epochs():
+    for method in ("erm_cnn", "ldam_drw", "paco"):
+        for dataset, rho in (("cifar10lt", 100), ("imagenetlt", None)):
+            for paper, short in (("paper", "short"), ("sam", "short_sam")):
+                got = stages.make_config(method, dataset, rho=rho, preset=short).hparams
+                want = stages.make_config(method, dataset, rho=rho, preset=paper, epochs=got["epochs"],
+                                          sets=[f"eval_every={got['eval_every']}", f"workers={got['workers']}"])
+                assert got == want.hparams, (method, dataset, short)
+
+
+@pytest.mark.parametrize("method", BUILT_IN)
+def test_every_preset_of_every_method_resolves_at_one_and_two_epochs(method):
+    """With no other option: the method's own config and its teacher's (a distilled student's upstream)."""
+    cls = METHODS.get(method)
+    if cls.Hparams().epochs == 0:
+        pytest.skip(f"{method} trains nothing (epochs must be 0)")
+    for preset in sorted(cls.presets):
+        for epochs in (1, 2):
+            config = stages.make_config(method, "synthetic", preset=preset, epochs=epochs)
+            assert config.hparams["epochs"] == epochs
+            for upstream in cls.requires(config).values():
+                assert upstream.hparams["epochs"] >= 1
+
+
+@pytest.mark.parametrize(("method", "epochs", "extra"), [
+    ("ldam_drw", 1, ["batch_size=16"]),
+    # without drw_epoch: "drw_epoch (8) must be below epochs (2)" before the schedule scaled
+    ("deitlt", 2, [*FAST_VIT, "batch_size=16", "teacher=erm_cnn", "teacher_overrides=batch_size=16,workers=0"]),
+])
+def test_short_runs_train_end_to_end(cli, tmp_path, method, epochs, extra):
+    cli("run", "--method", method, "--dataset", "synthetic", "--preset", "tiny", "--epochs", str(epochs),
+        "--results", str(tmp_path), "--quiet", *set_args(*SMALL_DATA, *extra))
+    folders = [f for f in (tmp_path / "runs").iterdir()
+               if json.loads((f / "config.json").read_text())["method"] == method]
+    config = json.loads((folders[0] / "config.json").read_text())
+    assert len(folders) == 1 and (folders[0] / "DONE").exists()
+    assert config["hparams"]["epochs"] == epochs and config["hparams"]["drw_epoch"] == epochs - 1
+    assert json.loads((folders[0] / "result.json").read_text())["final"]["epoch"] == epochs
