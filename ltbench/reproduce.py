@@ -330,9 +330,9 @@ class Metrics:
 
     def runs(self, split: str) -> rp.RunSet:
         if split not in self._runs:
-            try:
+            if (self.results / "runs").is_dir():
                 self._runs[split] = rp.load_runs(self.results, rp.ReportOptions(split=split, heads=True))
-            except UserError:  # no run folder yet: every cell is missing
+            else:  # nothing trained yet: every cell is missing
                 self._runs[split] = rp.RunSet(pd.DataFrame(columns=["run_id", "head"]), {})
         return self._runs[split]
 
