@@ -53,7 +53,7 @@ class _BatchUnpickler(pickle.Unpickler):
         (module, name)
         for core in ("numpy.core", "numpy._core")  # numpy 1 and numpy 2 spell the module differently
         for module, name in ((f"{core}.multiarray", "_reconstruct"), (f"{core}.numeric", "_frombuffer"))
-    } | {("numpy", "ndarray"), ("numpy", "dtype")})
+    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})  # protocol 2 spells bytes via encode
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:

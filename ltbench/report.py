@@ -39,7 +39,8 @@ SPLIT_TEXT = {
     "counts": "many / medium / few = classes with > 100 / 20-100 / < 20 training images",
     "paper": "many / medium / few = DeiT-LT's class-index ranges (head / mid / tail)",
 }
-SELECT_TEXT = {"final": "the final epoch", "best": "the best test epoch of each run (optimistic)"}
+SELECT_TEXT = {"final": "the final epoch (no selection on the test set; papers often report their best test epoch)",
+               "best": "the best test epoch of each run (optimistic)"}
 FORMATS = ("markdown", "latex", "csv", "json", "html")
 # Config keys never used to tell experiments apart: the seed is what a cell averages over, the
 # others are the cell's coordinates or do not change numbers.
@@ -91,6 +92,8 @@ class RunSet:
     flat_configs: dict[str, dict[str, str]]  # run id -> flattened config (strings)
     incomplete: list[dict[str, Any]] = field(default_factory=list)
     per_class: dict[str, dict[str, Any]] = field(default_factory=dict)  # run id -> class_counts, heads -> accuracies
+    # run id -> {"best": head -> metric -> value at the best test epoch, "eval_every": epochs} (--compare paper)
+    selection: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def load_runs(results: Path, options: ReportOptions = ReportOptions()) -> RunSet:
@@ -102,6 +105,7 @@ def load_runs(results: Path, options: ReportOptions = ReportOptions()) -> RunSet
     flat: dict[str, dict[str, str]] = {}
     incomplete: list[dict[str, Any]] = []
     per_class: dict[str, dict[str, Any]] = {}
+    selection: dict[str, dict[str, Any]] = {}
     for folder in sorted(p for p in base.iterdir() if _holds_a_run(p)):
         problem = config_problem(folder)
         config = _read_json(folder / "config.json") if problem is None else _untrusted_config(folder)
@@ -116,10 +120,11 @@ def load_runs(results: Path, options: ReportOptions = ReportOptions()) -> RunSet
         rows += _head_rows(folder.name, config, result, options)
         per_class[folder.name] = {"class_counts": result.get("class_counts"), "heads": {
             head: m.get("per_class") for head, m in result[options.select]["heads"].items()}}
+        selection[folder.name] = _selection_facts(result, options.split)
         if options.adjust is not None:
             rows += _posthoc_rows(folder, config, result, options, flat, incomplete)
     columns = ["run_id", "method", "dataset", "rho", "seed", "head", "epoch", *METRICS]
-    return RunSet(pd.DataFrame(rows, columns=columns), flat, incomplete, per_class)
+    return RunSet(pd.DataFrame(rows, columns=columns), flat, incomplete, per_class, selection)
 
 
 def _posthoc_rows(folder: Path, config: Mapping[str, Any], result: Mapping[str, Any], options: ReportOptions,
@@ -345,7 +350,8 @@ def reference_numbers() -> pd.DataFrame:
 
     text = files("ltbench").joinpath("reference/paper_numbers.csv").read_text()
     data = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
-    return pd.read_csv(io.StringIO(data), dtype={"match": str, "split": str}, keep_default_na=False,
+    text_columns = ("match", "split", "preset", "epochs", "selection", "eval_every")
+    return pd.read_csv(io.StringIO(data), dtype=dict.fromkeys(text_columns, str), keep_default_na=False,
                        na_values={"rho": [""], "value": [""]})
 
 
@@ -382,19 +388,57 @@ def _same(a: str, b: str) -> bool:
 
 
 def add_reference(cells: pd.DataFrame, runs: RunSet, options: ReportOptions) -> pd.DataFrame:
-    """Columns ``paper``, ``delta`` (harness - paper), ``paper_source`` and ``paper_label`` per cell."""
+    """Per cell: ``paper``, ``paper_source``, ``paper_label``; ``not_comparable`` (why, when the runs' recipe is not
+    the source's); ``compared`` (the runs' mean at the source's epoch selection) and ``compared_at``; ``coarse_eval``
+    (the runs' evaluation interval when coarser than the source's, else 0); ``delta`` = compared - paper."""
     ref = reference_numbers()
     out = cells.copy()
-    papers, sources, labels = [], [], []
-    for _, cell in cells.iterrows():
-        flat = runs.flat_configs[cell["run_ids"].split(";")[0]]
-        row = match_reference(ref, cell["method"], cell["dataset"], cell["rho"], cell["metric"], options.split, flat)
-        papers.append(math.nan if row is None else float(row["value"]))
-        sources.append("" if row is None else f"{row['source']} [{row['tag']}]")
-        labels.append("" if row is None else row["label"])
-    out["paper"], out["paper_source"], out["paper_label"] = papers, sources, labels
-    out["delta"] = out["mean"] - out["paper"]
+    facts = [_reference_facts(ref, cell, runs, options) for _, cell in cells.iterrows()]
+    for key in ("paper", "paper_source", "paper_label", "not_comparable", "compared", "compared_at", "coarse_eval"):
+        out[key] = [f[key] for f in facts]
+    out["delta"] = [math.nan if f["not_comparable"] else f["compared"] - f["paper"] for f in facts]
     return out
+
+
+def _reference_facts(ref: pd.DataFrame, cell: pd.Series, runs: RunSet, options: ReportOptions) -> dict[str, Any]:
+    ids = cell["run_ids"].split(";")
+    flat = runs.flat_configs[ids[0]]
+    row = match_reference(ref, cell["method"], cell["dataset"], cell["rho"], cell["metric"], options.split, flat)
+    if row is None:
+        return {"paper": math.nan, "paper_source": "", "paper_label": "", "not_comparable": "",
+                "compared": math.nan, "compared_at": options.select, "coarse_eval": 0}
+    at = "best" if row["selection"] == "best" else options.select
+    compared = cell["mean"] if at == options.select else _mean_at_best(runs, ids, cell["head"], cell["metric"])
+    intervals = [runs.selection.get(i, {}).get("eval_every") or 0 for i in ids]
+    coarse = max(intervals) if row["eval_every"] and max(intervals) > int(row["eval_every"]) else 0
+    return {"paper": float(row["value"]), "paper_source": f"{row['source']} [{row['tag']}]",
+            "paper_label": row["label"], "not_comparable": _recipe_mismatch(row, flat), "compared": compared,
+            "compared_at": at, "coarse_eval": coarse}
+
+
+def _recipe_mismatch(row: pd.Series, flat: Mapping[str, str]) -> str:
+    """"not comparable (preset tiny)" when the run's preset or epochs differ from the source's recipe, else ""."""
+    reasons = []
+    if row["preset"] and flat.get("preset") != row["preset"]:
+        reasons.append(f"preset {flat.get('preset', '-')}")
+    if row["epochs"] and not _same(flat.get("epochs", "-"), row["epochs"]):
+        reasons.append(f"{flat.get('epochs', '-')} epochs, source {row['epochs']}")
+    return f"not comparable ({', '.join(reasons)})" if reasons else ""
+
+
+def _mean_at_best(runs: RunSet, run_ids: Sequence[str], head: str, metric: str) -> float:
+    values = [runs.selection.get(i, {}).get("best", {}).get(head, {}).get(metric, math.nan) for i in run_ids]
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(present)) if present else math.nan
+
+
+def _selection_facts(result: Mapping[str, Any], split: str) -> dict[str, Any]:
+    """What ``--compare paper`` needs besides the selected epoch: the best epoch's numbers and the eval interval."""
+    heads = (result.get("best") or {}).get("heads", {})
+    best = {head: {"top1": m["top1"], "ece": m.get("ece"),
+                   **{g: _float((m.get(split) or {}).get(g)) for g in ("many", "medium", "few")}}
+            for head, m in heads.items()}
+    return {"best": best, "eval_every": result.get("eval_every")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,17 +520,29 @@ def _cell(cell: Any, options: ReportOptions, usual_n: int) -> Cell:
 
 
 def _reference_rows(found: list[Any], options: ReportOptions) -> list[tuple[str, list[Cell], str]]:
-    paper, delta = [], []
+    """"↳ best epoch" (when a source reports its best epoch and the table shows another), "↳ paper", "↳ Δ"."""
+    compared, paper, delta = [], [], []
     for c in found:
         if c is None or math.isnan(c.paper):
+            compared.append(Cell("", missing=True))
             paper.append(Cell("", missing=True))
             delta.append(Cell("", missing=True))
             continue
-        paper.append(Cell(f"{c.paper:.{options.digits}f}"))
-        delta.append(Cell("n/a") if math.isnan(c.delta) else Cell(f"{c.delta:+.{options.digits}f}"))
+        at_best = c.compared_at != options.select and not c.not_comparable
+        compared.append(Cell(_num(c.compared, options.digits)) if at_best else Cell("", missing=True))
+        paper.append(Cell(c.not_comparable) if c.not_comparable else Cell(f"{c.paper:.{options.digits}f}"))
+        coarse = f" (coarse eval, every {c.coarse_eval})" if c.coarse_eval else ""
+        delta.append(Cell("", missing=True) if c.not_comparable else
+                     Cell("n/a") if math.isnan(c.delta) else Cell(f"{c.delta:+.{options.digits}f}{coarse}"))
     if all(c.missing for c in paper):
         return []
-    return [("↳ paper", paper, "paper"), ("↳ Δ vs paper", delta, "delta")]
+    best = [] if all(c.missing for c in compared) else [("↳ best epoch", compared, "best")]
+    deltas = [] if all(c.missing for c in delta) else [("↳ Δ vs paper", delta, "delta")]  # none comparable
+    return [*best, ("↳ paper", paper, "paper"), *deltas]
+
+
+def _num(value: float, digits: int) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def _bold_best(rows: list[tuple[str, list[Cell], str]], metrics: list[str], digits: int) -> None:
@@ -531,13 +587,27 @@ def _notes(runs: RunSet, cells: pd.DataFrame, options: ReportOptions) -> list[st
     if options.compare:
         sources = sorted({s for s in cells.get("paper_source", pd.Series(dtype=str)) if s})
         if sources:
-            notes.append("Paper numbers: " + "; ".join(sources) + ". Their epoch selection is as published "
-                         "(often the best test epoch).")
+            notes.append("Paper numbers: " + "; ".join(sources) + ". " + _comparison_note(cells, options))
     return notes
 
 
+def _comparison_note(cells: pd.DataFrame, options: ReportOptions) -> str:
+    """How Δ compares like with like (paper_numbers.csv records each source's recipe and epoch selection)."""
+    text = ("Δ compares runs of the source's recipe only (its ltbench preset and epochs; others are not "
+            "comparable), at the source's epoch selection: ")
+    text += ("each run's best test epoch where the source reports its best epoch (↳ best epoch), else the "
+             "epoch this table shows." if options.select != "best" else "the best test epoch.")
+    coarse = cells.loc[cells["coarse_eval"] > 0] if "coarse_eval" in cells else cells.iloc[0:0]
+    if not coarse.empty:
+        text += (" Coarse eval: the run evaluated only every N epochs, the source every epoch, so its best epoch "
+                 "may be missed and Δ errs low.")
+    return text
+
+
 def _incomplete_hint(runs: RunSet) -> str:
-    return f" ({len(runs.incomplete)} run(s) are not finished)" if runs.incomplete else ""
+    if not runs.incomplete:
+        return ""
+    return f" ({len(runs.incomplete)} run(s) left out: " + "; ".join(r["reason"] for r in runs.incomplete) + ")"
 
 
 # ----------------------------------------------------------------------------------------------
