@@ -34,6 +34,7 @@ EPOCH_NUMBERING = "1-based: epoch 1 is the first; an epoch field names the epoch
 DONE = "DONE"
 LOCK = ".lock"
 TMP_SUFFIX = ".tmp"  # atomic writes go through .<name>.<random>.tmp next to the target
+UNUSABLE_RUN_FIX = "Restore its original config.json, or move the folder away (the same settings then train afresh)."
 
 
 def _process_umask() -> int:
@@ -129,8 +130,7 @@ class RunRecord:
         """The run's configuration, refused when config.json does not describe what the folder holds."""
         problem = config_problem(self.path)
         if problem:
-            raise UserError(f"Run folder {self.path} cannot be used: {problem}. Restore its original config.json, "
-                            f"or move the folder away (the same settings then train a fresh run).")
+            raise UserError(f"Run folder {self.path} cannot be used: {problem}. {UNUSABLE_RUN_FIX}")
         return RunConfig.from_dict(self.read_json("config.json"))
 
     def result(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from ltbench.config import RunConfig
 from ltbench.errors import UserError
-from ltbench.records import CHECKPOINT, DONE, config_problem, runs_dir
+from ltbench.records import CHECKPOINT, DONE, UNUSABLE_RUN_FIX, config_problem, runs_dir
 
 GRID_KEYS = ("methods", "datasets", "rho", "seeds", "preset", "epochs", "set")
 
@@ -261,8 +261,7 @@ def _refuse_edited_runs(plan: SweepPlan) -> None:
     problems = [f"{runs_dir(plan.results) / j.run_id}: {problem}" for j in plan.jobs.values() if j.status != "new"
                 and (problem := config_problem(runs_dir(plan.results) / j.run_id))]
     if problems:
-        raise UserError("Run folder(s) of this sweep cannot be used: " + "; ".join(problems) + ". Restore the "
-                        "original config.json, or move the folder away (the same settings then train afresh).")
+        raise UserError("Run folder(s) of this sweep cannot be used: " + "; ".join(problems) + ". " + UNUSABLE_RUN_FIX)
 
 
 def _plan_grid(grid: SweepGrid, results: Path, jobs: dict[str, Job], notes: list[str]) -> None:
