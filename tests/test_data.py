@@ -14,7 +14,6 @@ from ltbench.datasets.cifar_lt import CIFAR10LT, CIFAR100LT, CIFARLTOptions
 
 from ltbench.data import (
     exp_profile_counts,
-    frequency_order,
     indices_sha256,
     ldam_subsample,
     paper_groups,
@@ -81,10 +80,6 @@ def test_shot_groups_including_empty_groups():
     assert [len(v) for v in shot_groups(exp_profile_counts(500, 100, 10)).values()] == [69, 31, 0]
     paper = paper_groups(100, (36, 71))
     assert (len(paper["many"]), len(paper["medium"]), len(paper["few"])) == (36, 35, 29)
-
-
-def test_frequency_order_is_stable():
-    assert frequency_order([5, 9, 5, 1, 9]).tolist() == [1, 4, 0, 2, 3]
 
 
 def test_real_cifar10_lt(cifar_root):

@@ -150,12 +150,13 @@ def test_paper_comparison_uses_matching_reference_and_main_head_only():
     cells = rp.add_reference(rp.aggregate(runs, options), runs, options)
     main = cells[(cells["row"] == "deitlt") & (cells["head"] == "main") & (cells["dataset"] == "cifar10lt")]
     top1 = main[main["metric"] == "top1"].iloc[0]
-    assert top1["paper"] == 87.5 and top1["delta"] == pytest.approx(top1["mean"] - 87.5)
+    # DeiT-LT reports its best test epoch: Δ compares each run's best epoch (tests/test_report_compare.py)
+    assert top1["paper"] == 87.5 and top1["delta"] == pytest.approx(top1["compared"] - 87.5)
     assert main[main["metric"] == "few"].iloc[0]["paper"] == 85.0  # DeiT-LT README, index split
     table = rp.build_table(cells, runs, options)
     kinds = [(label, kind) for label, _, kind in table.rows]
-    assert kinds[:5] == [("deitlt [main]", "run"), ("↳ paper", "paper"), ("↳ Δ vs paper", "delta"),
-                         ("deitlt [cls]", "run"), ("deitlt [dist]", "run")]
+    assert kinds[:6] == [("deitlt [main]", "run"), ("↳ best epoch", "best"), ("↳ paper", "paper"),
+                         ("↳ Δ vs paper", "delta"), ("deitlt [cls]", "run"), ("deitlt [dist]", "run")]
 
 
 def test_reference_matching_follows_the_conditions():
