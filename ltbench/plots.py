@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ltbench.report import ReportOptions, RunSet, label_rows, natural_key
+from ltbench.report import ReportOptions, RunSet, data_labels, label_rows, natural_key
 
 # The counts rule's group boundaries (report.SPLIT_TEXT["counts"]) and the regions they separate, head first.
 GROUP_BOUNDARIES = (100, 20)
@@ -35,9 +35,11 @@ def write_plots(runs: RunSet, out_dir: Path, options: ReportOptions | None = Non
         return []
     frame["row"] = frame["run_id"].map(label_rows(runs, options.by))
     written: list[Path] = []
-    for (dataset, rho), cell in frame.groupby(["dataset", frame["rho"].fillna(-1.0)], sort=False):
-        suffix = f"{_slug(dataset)}" + (f"_rho{rho:g}" if rho >= 0 else "")
-        title = dataset + (f" ρ={rho:g}" if rho >= 0 else "")
+    options_label = data_labels(frame)  # a dataset's options that differ between its runs, e.g. n_max=100
+    for (dataset, rho, data), cell in frame.groupby(["dataset", frame["rho"].fillna(-1.0), "data"], sort=False):
+        extra = options_label[dataset, data]
+        suffix = f"{_slug(dataset)}" + (f"_rho{rho:g}" if rho >= 0 else "") + (f"_{_slug(extra)}" if extra else "")
+        title = " ".join(part for part in (dataset, f"ρ={rho:g}" if rho >= 0 else "", extra) if part)
         written += _save(_per_class_figure(runs, cell, title), out_dir / f"per_class_{suffix}")
         for row, group in cell.groupby("row", sort=False):
             heads = runs.per_class[group["run_id"].iloc[0]]["heads"]

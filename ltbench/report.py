@@ -123,7 +123,7 @@ def load_runs(results: Path, options: ReportOptions = ReportOptions()) -> RunSet
         selection[folder.name] = _selection_facts(result, options.split)
         if options.adjust is not None:
             rows += _posthoc_rows(folder, config, result, options, flat, incomplete)
-    columns = ["run_id", "method", "dataset", "rho", "seed", "head", "epoch", *METRICS]
+    columns = ["run_id", "method", "dataset", "rho", "data", "seed", "head", "epoch", *METRICS]
     return RunSet(pd.DataFrame(rows, columns=columns), flat, incomplete, per_class, selection)
 
 
@@ -187,7 +187,26 @@ def _why_excluded(folder: Path, select: str) -> str | None:
 
 def _coordinates(config: Mapping[str, Any]) -> dict[str, Any]:
     return {"method": config["method"], "dataset": config["dataset"], "rho": _rho(config),
-            "seed": config.get("seed", 0)}
+            "data": data_key(config), "seed": config.get("seed", 0)}
+
+
+def data_key(config: Mapping[str, Any]) -> str:
+    """The dataset's options other than rho (``n_max=100; n_test=20``): a table column is a dataset with all its
+    options, so runs on different data never share a column or compete for bold."""
+    options = sorted((k, _text(v)) for k, v in config.get("data", {}).items() if k != "rho")
+    return "; ".join(f"{k}={v}" for k, v in options)
+
+
+def data_labels(frame: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """``(dataset, data key) -> "n_max=100"``: the options in which a dataset's columns differ ("" if none)."""
+    labels = {}
+    for dataset, keys in frame.groupby("dataset")["data"]:
+        keys = list(dict.fromkeys(keys))
+        options = [dict(item.split("=", 1) for item in key.split("; ") if item) for key in keys]
+        differing = sorted(k for k in set().union(*options) if len({o.get(k, "-") for o in options}) > 1)
+        for key, values in zip(keys, options):
+            labels[dataset, key] = ", ".join(f"{k}={values.get(k, '-')}" for k in differing)
+    return labels
 
 
 def _rho(config: Mapping[str, Any]) -> float:
@@ -255,7 +274,7 @@ def label_rows(runs: RunSet, by: Sequence[str] = ()) -> pd.Series:
     labels = {}
     for method, group in frame.groupby("method", sort=False):
         keys = list(by)
-        for _, cell in group.groupby(["dataset", group["rho"].fillna(-1)], sort=False):
+        for _, cell in group.groupby(["dataset", group["rho"].fillna(-1), "data"], sort=False):
             ids = list(cell.index)
             if exp[ids].nunique() > 1:
                 keys += [k for k in _differing_keys([runs.flat_configs[i] for i in ids]) if k not in keys]
@@ -293,21 +312,21 @@ def aggregate(runs: RunSet, options: ReportOptions = ReportOptions()) -> pd.Data
     frame["experiment"] = frame["run_id"].map(lambda rid: experiment_key(runs.flat_configs[rid]))
     if not options.heads:
         frame = frame[frame["head"] == "main"]
-    long = frame.melt(id_vars=["row", "experiment", "method", "head", "dataset", "rho", "seed", "run_id"],
+    long = frame.melt(id_vars=["row", "experiment", "method", "head", "dataset", "rho", "data", "seed", "run_id"],
                       value_vars=list(options.metrics), var_name="metric")
     cells = []
-    keys = ["row", "head", "dataset", "rho", "metric"]
+    keys = ["row", "head", "dataset", "rho", "data", "metric"]
     for key, group in long.sort_values(["seed", "run_id"]).groupby(keys, sort=False, dropna=False):
         if group["experiment"].nunique() != 1:  # label_rows makes this impossible; never average across configs
             raise AssertionError(f"cell {key} mixes configurations")
         cells.append(_cell_stats(dict(zip(keys, key)), group))
     out = pd.DataFrame(cells, columns=_CELL_COLUMNS)
-    return out.sort_values(["dataset", "rho", "row", "head", "metric"], key=_sort_key,
+    return out.sort_values(["dataset", "rho", "data", "row", "head", "metric"], key=_sort_key,
                            ignore_index=True)
 
 
-_CELL_COLUMNS = ["row", "method", "head", "dataset", "rho", "metric", "mean", "std", "se", "n", "seeds", "values",
-                 "run_ids", "experiment"]
+_CELL_COLUMNS = ["row", "method", "head", "dataset", "rho", "data", "metric", "mean", "std", "se", "n", "seeds",
+                 "values", "run_ids", "experiment"]
 
 
 def _cell_stats(key: dict[str, Any], group: pd.DataFrame) -> dict[str, Any]:
@@ -470,19 +489,19 @@ def build_table(cells: pd.DataFrame, runs: RunSet, options: ReportOptions) -> Ta
     columns = _table_columns(cells)
     row_keys = sorted({(r, h) for r, h in zip(cells["row"], cells["head"])},
                       key=lambda k: (natural_key(k[0]), k[1] != "main", k[1]))
-    lookup = {(c.row, c.head, c.dataset, _rho_key(c.rho), c.metric): c for c in cells.itertuples()}
+    lookup = {(c.row, c.head, c.dataset, _rho_key(c.rho), c.data, c.metric): c for c in cells.itertuples()}
     usual_n = int(cells["n"].mode().max())
     multi_head = {r for r, h in row_keys if h != "main"}
     rows = []
     for row, head in row_keys:
         label = f"{row} [{head}]" if row in multi_head else row
-        found = [lookup.get((row, head, ds, rk, m)) for ds, rk, m in columns]
+        found = [lookup.get((row, head, ds, rk, data, m)) for ds, rk, data, m in columns]
         rows.append((label, [_cell(c, options, usual_n) for c in found], "run"))
         if options.compare and head == "main":  # published numbers are for the reported (main) head
             rows += _reference_rows(found, options)
-    _bold_best(rows, [m for _, _, m in columns], options.digits)
-    groups = _groups(columns)
-    return Table(_caption(options, usual_n, cells), groups, [METRIC_LABELS[m] for _, _, m in columns], rows,
+    _bold_best(rows, [m for *_, m in columns], options.digits)
+    groups = _groups(columns, data_labels(cells))
+    return Table(_caption(options, usual_n, cells), groups, [METRIC_LABELS[m] for *_, m in columns], rows,
                  _notes(runs, cells, options))
 
 
@@ -490,18 +509,20 @@ def _rho_key(rho: float) -> float:
     return -1.0 if rho is None or (isinstance(rho, float) and math.isnan(rho)) else float(rho)
 
 
-def _table_columns(cells: pd.DataFrame) -> list[tuple[str, float, str]]:
-    combos = cells[["dataset", "rho"]].drop_duplicates()
+def _table_columns(cells: pd.DataFrame) -> list[tuple[str, float, str, str]]:
+    """(dataset, rho key, data key, metric) per column: datasets in natural order, harder imbalance first."""
+    combos = cells[["dataset", "rho", "data"]].drop_duplicates()
     combos = combos.assign(rk=combos["rho"].map(_rho_key)).sort_values(
-        ["dataset", "rk"], key=lambda col: col.map(natural_key) if col.name == "dataset" else -col)
+        ["dataset", "rk", "data"], key=lambda col: -col if col.name == "rk" else col.map(natural_key))
     metrics = [m for m in METRICS if m in set(cells["metric"])]
-    return [(ds, rk, m) for ds, rk in zip(combos["dataset"], combos["rk"]) for m in metrics]
+    return [(ds, rk, data, m) for ds, rk, data in zip(combos["dataset"], combos["rk"], combos["data"])
+            for m in metrics]
 
 
-def _groups(columns: list[tuple[str, float, str]]) -> list[tuple[str, int]]:
+def _groups(columns: list[tuple[str, float, str, str]], labels: Mapping[tuple[str, str], str]) -> list[tuple[str, int]]:
     groups: list[tuple[str, int]] = []
-    for ds, rk, _ in columns:
-        label = ds if rk < 0 else f"{ds} ρ={rk:g}"
+    for ds, rk, data, _ in columns:
+        label = " ".join(part for part in (ds, "" if rk < 0 else f"ρ={rk:g}", labels[ds, data]) if part)
         if groups and groups[-1][0] == label:
             groups[-1] = (label, groups[-1][1] + 1)
         else:

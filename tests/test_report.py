@@ -263,3 +263,29 @@ def test_per_class_plot_marks_the_groups_bands_the_seeds_and_labels_ticks_plainl
     assert [text.get_text() for text in axes.texts] == ["many", "medium", "few"]
     assert len(axes.collections) == 1  # a band for the row with several seeds only
     assert [axes.xaxis.get_major_formatter()(v, 0) for v in (5, 200, 5000)] == ["5", "200", "5,000"]
+
+
+def _write_finished_run(results: Path, data: dict, seed: int, top1: float) -> None:
+    """A minimal finished run folder named by its config's hash, as the report requires."""
+    config = {"method": "erm_cnn", "dataset": "synthetic", "data": data, "hparams": {"epochs": 2}, "seed": seed,
+              "preset": "tiny", "versions": {"schema": 1, "method": 1, "dataset": 1}}
+    folder = results / "runs" / RunConfig.from_dict(config).run_id
+    folder.mkdir(parents=True)
+    groups = {"many": None, "medium": top1, "few": top1}
+    main = {"top1": top1, "ece": 5.0, "per_class": [top1] * 4, "counts": groups, "paper": groups}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "result.json").write_text(json.dumps({"run_id": folder.name, "config": config, "method": "erm_cnn",
+                                                    "dataset": "synthetic", "class_counts": [40, 20, 10, 4],
+                                                    "final": {"epoch": 2, "heads": {"main": main}}}))
+    (folder / "DONE").write_text("")
+
+
+def test_runs_on_different_dataset_options_get_their_own_columns(tmp_path):
+    for seed in (0, 1):
+        _write_finished_run(tmp_path, {"rho": 10.0, "n_max": 40}, seed, 30.0 + seed)
+        _write_finished_run(tmp_path, {"rho": 10.0, "n_max": 80}, seed, 60.0 + seed)
+    table = rp.build_table(rp.aggregate(rp.load_runs(tmp_path)), rp.load_runs(tmp_path), rp.ReportOptions())
+    assert [label for label, _ in table.groups] == ["synthetic ρ=10 n_max=40", "synthetic ρ=10 n_max=80"]
+    [(label, cells, _)] = table.rows  # one row: the data options label columns, not rows
+    assert label == "erm_cnn" and not any(cell.bold for cell in cells)  # nothing to compete with in a column
+    assert [cells[0].text, cells[4].text] == ["30.50", "60.50"]
