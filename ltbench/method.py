@@ -55,8 +55,9 @@ class Method:
     # What ``prepare`` returns, named for error messages and documentation.
     batch_structure: ClassVar[str] = "(x, y)"
     Hparams: ClassVar[type[TrainHparams]] = TrainHparams
-    # preset name -> {"*": overrides for every dataset, "<dataset>": overrides for that dataset}
-    presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"default": {}}
+    # preset name -> {"*": overrides for every dataset, "<dataset>": overrides for that dataset}, or a list of
+    # such tables applied in order (a table that changes epochs rescales the schedule: stages.apply_layer)
+    presets: ClassVar[dict[str, Any]] = {"default": {}}
     default_preset: ClassVar[str] = "default"
     # When True the engine excludes 1-D parameters and ``no_weight_decay()`` names from weight decay.
     filter_bias_and_bn: ClassVar[bool] = True
