@@ -59,7 +59,7 @@ def write_run(method: str, dataset: str, rho: float, seed: int, preset: str = "p
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     epochs_done = hp["epochs"] if done else 3
-    (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(epochs_done)))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(1, epochs_done + 1)))
     if not done:
         return
     rng = np.random.RandomState(int(hashlib.sha256(number_seed.encode()).hexdigest()[:8], 16))
@@ -69,7 +69,8 @@ def write_run(method: str, dataset: str, rho: float, seed: int, preset: str = "p
     best = {h: head(rng, train_counts, dataset, level + 1.0, tilts[h]) for h in heads}
     upstream = {"teacher": {"run_id": "0" * 12, "method": "paco", "top1": 80.0}} if method == "deitlt" else {}
     result = {"run_id": run_id, "config": config, "method": method, "dataset": dataset, "class_counts": train_counts,
-              "final": {"epoch": hp["epochs"] - 1, "heads": final}, "best": {"epoch": hp["epochs"] - 7, "heads": best},
+              "final": {"epoch": hp["epochs"], "heads": final}, "best": {"epoch": hp["epochs"] - 6, "heads": best},
+              "epoch_numbering": "1-based: epoch 1 is the first; an epoch field names the epoch just completed",
               "upstream": upstream, "wall_time_s": 3600.0, "images_per_s": 1000.0, "parameters": 85_000_000}
     (folder / "result.json").write_text(json.dumps(result, sort_keys=True) + "\n")
     (folder / "DONE").write_text("")
