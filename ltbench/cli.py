@@ -333,6 +333,9 @@ def reproduce(suite, list_suites, dry_run, no_train, datasets, epochs, sets, gpu
     upstream = sum(not j.requested for j in plan.jobs.values())
     _say(f"suite {loaded.name} ({loaded.path}): {len(plan.jobs)} run(s) ({upstream} upstream), "
          f"{len(loaded.expectations)} expectation(s): {sw.summarize(plan.jobs.values())}")
+    gpus = resource_values["gpus_per_trial"]
+    _say(f"runtime: device {runtime.device}, compile {runtime.compile_mode if runtime.compile else 'off'}, "
+         f"GPUs per run {'default' if gpus is None else f'{gpus:g}'}", style="dim")
     if dry_run:
         _print_suite_plan(loaded, plan)
         return

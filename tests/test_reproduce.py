@@ -149,7 +149,11 @@ def test_dry_run_shows_states_and_projected_hours(cli, tmp_path):
     out = cli("reproduce", "cifar10lt-short", "--dry-run", "--results", str(tmp_path)).output
     assert "6 run(s) (0 upstream), 7 expectation(s): 6 new" in out
     assert out.count(" new ") == 6 and "GPU h" in out and "projected:" in out and "H200" in out
+    assert "compile reduce-overhead, GPUs per run 0.25" in out  # the suite's runtime defaults
     assert not (tmp_path / "runs").exists()
+    rehearsal = cli("reproduce", "cifar10lt-short", "--dry-run", "--results", str(tmp_path), "--no-compile",
+                    "--gpus-per-trial", "0", "--datasets", "synthetic", "--epochs", "1").output
+    assert "compile off, GPUs per run 0" in rehearsal and "synthetic" in rehearsal and " 0/1 " in rehearsal
 
 
 # ----------------------------------------------------------------------------------------------
