@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
 
 from ltbench.data import DatasetInfo, FileListSplit, InMemorySplit, Split
+from ltbench.errors import UserError
 
 
 class SplitDataset(torch.utils.data.Dataset):
@@ -146,16 +147,70 @@ class MicroBatchSampler(Sampler[list[int]]):
                 yield mine[offset : offset + self.micro]
 
 
+SAMPLERS = ("instance", "class_balanced")
+
+
+class ClassBalancedSampler(Sampler[int]):
+    """Class-balanced sampling as Kang et al.'s ``ClassAwareSampler`` (classifier-balancing, ICLR 2020).
+
+    Classes are visited in a random order reshuffled after every pass over them; each visit takes
+    ``samples_per_visit`` (4 in the released configs) consecutive indices from that class's own random cycle,
+    also reshuffled whenever it wraps. An epoch draws max_c n_c x C samples, so every class is seen as often as
+    the largest one. Difference: the cycles restart every epoch from the epoch's seed (the released sampler keeps
+    its iterators across epochs), so each epoch is reproducible on its own and a resumed run draws the same.
+    """
+
+    def __init__(self, labels: Sequence[int], generator: torch.Generator, samples_per_visit: int = 4) -> None:
+        labels_np = np.asarray(labels)
+        self.by_class = [np.flatnonzero(labels_np == c) for c in np.unique(labels_np)]
+        self.generator, self.per_visit = generator, samples_per_visit
+        self.length = class_balanced_length(labels_np)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _cycle(self, items: np.ndarray):
+        while True:
+            yield from items[torch.randperm(len(items), generator=self.generator).numpy()]
+
+    def __iter__(self):
+        classes = self._cycle(np.arange(len(self.by_class)))
+        members = [self._cycle(indices) for indices in self.by_class]
+        order: list[int] = []
+        while len(order) < self.length:
+            stream = members[next(classes)]
+            order += [int(next(stream)) for _ in range(self.per_visit)]
+        return iter(order[: self.length])
+
+
+def class_balanced_length(labels: Sequence[int]) -> int:
+    """Samples in a class-balanced epoch: the largest class's count times the number of classes present."""
+    counts = np.bincount(np.asarray(labels))
+    counts = counts[counts > 0]
+    return int(counts.max()) * len(counts)
+
+
+def epoch_order(n: int, labels: Sequence[int], generator: torch.Generator, sampler: str = "instance",
+                repeated_aug: int = 1) -> Sampler[int]:
+    """The order of one epoch's samples: a shuffle (``instance``), DeiT's repeated augmentation, or class-balanced."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}.")
+    if sampler == "class_balanced":
+        if repeated_aug > 1:
+            raise UserError("sampler=class_balanced cannot be combined with repeated_aug > 1; set repeated_aug=1.")
+        return ClassBalancedSampler(labels, generator)
+    if repeated_aug > 1:
+        return RepeatSampler(n, repeated_aug, generator)
+    return torch.utils.data.RandomSampler(range(n), generator=generator)
+
+
 def train_loader(split: Split, transform: Callable, global_batch: int, micro_batch: int, *, seed: int, workers: int,
                  drop_last: bool, repeated_aug: int = 1, pin_memory: bool = False, rank: int = 0,
-                 world: int = 1) -> DataLoader:
+                 world: int = 1, sampler: str = "instance") -> DataLoader:
     """A loader of micro-batches whose shuffle and augmentation randomness are fixed by ``seed`` (one per epoch)."""
     generator = torch.Generator().manual_seed(seed)
     dataset = SplitDataset(split, transform)
-    if repeated_aug > 1:
-        order: Sampler[int] = RepeatSampler(len(dataset), repeated_aug, generator)
-    else:
-        order = torch.utils.data.RandomSampler(dataset, generator=generator)
+    order = epoch_order(len(dataset), split.labels, generator, sampler, repeated_aug)
     batches = MicroBatchSampler(order, global_batch, micro_batch, drop_last, rank, world)
     return DataLoader(dataset, batch_sampler=batches, generator=generator, num_workers=workers,
                       pin_memory=pin_memory, worker_init_fn=_seed_worker, **_worker_options(split, workers, False))

@@ -224,13 +224,15 @@ class DeviceBatches:
     ``batch_size`` is the global batch. As the engine's CPU loader does (``augment.MicroBatchSampler``, whose
     arithmetic is reused, so ``batch_sampler.steps`` and ``batch_sampler.group_sizes`` mean the same), each
     global batch is cut into this rank's shard and the shard into ``micro_batch``-sized pieces; ``drop_last``
-    drops an incomplete global batch. Only slice bounds are computed on the host: the order stays on the device.
+    drops an incomplete global batch. Only slice bounds are computed on the host: the order stays on the device,
+    except with ``sampler="class_balanced"`` (``augment.ClassBalancedSampler``), whose order is drawn on the host
+    once per epoch.
     """
 
     def __init__(self, images_uint8_nhwc: torch.Tensor, labels: torch.Tensor, recipe: AugRecipe, batch_size: int, *,
                  seed: int, drop_last: bool, repeated_aug: int = 1, micro_batch: int | None = None, rank: int = 0,
-                 world: int = 1) -> None:
-        from ltbench.augment import MicroBatchSampler
+                 world: int = 1, sampler: str = "instance") -> None:
+        from ltbench.augment import MicroBatchSampler, epoch_order
 
         if images_uint8_nhwc.dtype != torch.uint8 or images_uint8_nhwc.dim() != 4 or images_uint8_nhwc.shape[-1] != 3:
             raise UserError(f"DeviceBatches needs uint8 RGB images shaped (N, H, W, 3), got "
@@ -243,6 +245,11 @@ class DeviceBatches:
         self.device = images_uint8_nhwc.device
         n = len(self.labels)
         self.samples = ((n // 256) * 256 if n >= 256 else n) if repeated_aug > 1 else n
+        self.host_order = None  # class-balanced: an epoch_order drawn on the host
+        if sampler != "instance":
+            host_labels = torch.as_tensor(labels).cpu().numpy()
+            self.host_order = lambda generator: epoch_order(n, host_labels, generator, sampler, repeated_aug)
+            self.samples = len(self.host_order(torch.Generator()))
         micro = micro_batch or -(-batch_size // world)
         self.batch_sampler = MicroBatchSampler(range(self.samples), batch_size, micro, drop_last, rank, world)
         self.slices = [(chunk[0], chunk[-1] + 1) for chunk in self.batch_sampler]  # contiguous positions
@@ -252,6 +259,9 @@ class DeviceBatches:
 
     def order(self, generator: torch.Generator) -> torch.Tensor:
         n = len(self.labels)
+        if self.host_order is not None:
+            host = torch.Generator().manual_seed(self.seed)
+            return torch.as_tensor(list(self.host_order(host)), device=self.device)
         perm = torch.randperm(n, generator=generator, device=self.device)
         if self.repeated_aug > 1:  # expand/reshape rather than repeat_interleave, which may read sizes on the host
             perm = perm[:, None].expand(n, self.repeated_aug).reshape(-1)
