@@ -13,6 +13,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ltbench.config import COMPILE_MODES
 from ltbench.errors import UserError
@@ -563,7 +564,7 @@ def list_(what: str) -> None:
         for column in ("name", "source", "description"):
             table.add_column(column, no_wrap=column != "description", style="bold" if column == "name" else None)
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(Text(cell) for cell in row))  # docstrings are not rich markup
         console.print(table, highlight=False)
         return
     widths = [max(len(row[i]) for row in rows) for i in range(2)] if rows else [0, 0]
