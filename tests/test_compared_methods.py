@@ -85,3 +85,9 @@ def test_presets_are_the_cnn_baseline_recipes(method):
         assert (hp.cb_beta, hp.focal_gamma, hp.prior_init) == (0.9999, 1.0, 0.1)
     if method == "logit_adjust":
         assert _hp(method, "paper", "cifar10lt").tau == 1.0
+
+
+def test_every_compared_method_is_registered_by_entry_point():
+    names = {"logit_adjust", "balanced_softmax", "cb_focal", "crt", "tau_norm", "lws"}
+    assert names <= set(METHODS.names())
+    assert all(METHODS.source(name) == "built-in" for name in names)
