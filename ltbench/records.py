@@ -182,8 +182,8 @@ class RunRecord:
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
             raise self.checkpoint_error(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
                 from exc
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("epoch"), int) or "modules" not in ckpt:
-            raise self.checkpoint_error("not an ltbench checkpoint: no epoch or modules")
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("modules"), dict):
+            raise self.checkpoint_error("not an ltbench checkpoint: it holds no model modules")
         return ckpt
 
     def checkpoint_error(self, reason: str) -> UserError:

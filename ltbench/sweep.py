@@ -257,9 +257,13 @@ def plan_sweep(grid: SweepGrid | Sequence[SweepGrid], results: Path) -> SweepPla
 
 
 def _refuse_edited_runs(plan: SweepPlan) -> None:
-    """A run folder of the plan whose config.json no longer hashes to its id must not be reused or resumed."""
-    problems = [f"{runs_dir(plan.results) / j.run_id}: {problem}" for j in plan.jobs.values() if j.status != "new"
-                and (problem := config_problem(runs_dir(plan.results) / j.run_id))]
+    """A run folder of the plan whose config.json no longer hashes to its id must not be reused or resumed.
+
+    A partial run may lack config.json: resuming writes it from the plan's config, which its folder name is."""
+    folders = {j.run_id: runs_dir(plan.results) / j.run_id for j in plan.jobs.values() if j.status != "new"}
+    problems = [f"{folder}: {problem}" for run_id, folder in folders.items()
+                if (plan.jobs[run_id].status == "done" or (folder / "config.json").exists())
+                and (problem := config_problem(folder))]
     if problems:
         raise UserError("Run folder(s) of this sweep cannot be used: " + "; ".join(problems) + ". " + UNUSABLE_RUN_FIX)
 

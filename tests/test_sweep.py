@@ -80,6 +80,7 @@ def test_plan_uses_the_run_command_configs_and_reads_state_from_disk(tmp_path):
     done_id, partial_id = list(plan.jobs)[:2]
     (tmp_path / "runs" / done_id).mkdir(parents=True)
     (tmp_path / "runs" / done_id / "DONE").write_text("")
+    (tmp_path / "runs" / done_id / "config.json").write_text(json.dumps(plan.jobs[done_id].config.to_dict()))
     (tmp_path / "runs" / partial_id).mkdir(parents=True)
     (tmp_path / "runs" / partial_id / "checkpoint.pt").write_bytes(b"")
     (tmp_path / "runs" / partial_id / "metrics.jsonl").write_text('{"epoch": 0}\n')
