@@ -79,6 +79,12 @@ def deit_train(info: DatasetInfo, img_size: int, auto_augment: str | None, re_pr
     )
 
 
+def mae_train(info: DatasetInfo, img_size: int, crop_scale_min: float = 0.2) -> Callable:
+    """MAE's pretraining transform: RandomResizedCrop (scale 0.2-1, bicubic) and flip, nothing else."""
+    crop = T.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), normalize(info)])
+
+
 def resize_eval(info: DatasetInfo, img_size: int) -> Callable:
     """Evaluation: fixed-size native images as they are; otherwise DeiT's resize-256/crop-224 ratio."""
     if img_size == info.image_size and not info.variable_size:
@@ -131,9 +137,7 @@ class MicroBatchSampler(Sampler[list[int]]):
         return [micro for micro, _ in self.steps]
 
     def _shard(self, size: int) -> range:
-        per, extra = divmod(size, self.world)
-        start = self.rank * per + min(self.rank, extra)
-        return range(start, start + per + (1 if self.rank < extra else 0))
+        return shard(size, self.rank, self.world)
 
     def __len__(self) -> int:
         return sum(self.group_sizes)
@@ -202,6 +206,13 @@ def epoch_order(n: int, labels: Sequence[int], generator: torch.Generator, sampl
     if repeated_aug > 1:
         return RepeatSampler(n, repeated_aug, generator)
     return torch.utils.data.RandomSampler(range(n), generator=generator)
+
+
+def shard(size: int, rank: int, world: int) -> range:
+    """Positions of a global batch of ``size`` that process ``rank`` of ``world`` trains (contiguous, even split)."""
+    per, extra = divmod(size, world)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (1 if rank < extra else 0))
 
 
 def train_loader(split: Split, transform: Callable, global_batch: int, micro_batch: int, *, seed: int, workers: int,

@@ -160,6 +160,11 @@ class Trainer:
             kwargs = {"momentum": hp.momentum, "nesterov": getattr(hp, "nesterov", False)}
         if self.device.type == "cuda" and hp.optimizer == "adamw":
             kwargs["fused"] = True
+        # hooks (a method's fields, LiVT's): AdamW betas (MAE's 0.9 / 0.95) and timm's layer-wise lr decay
+        if getattr(hp, "opt_betas", ()):
+            kwargs["betas"] = tuple(hp.opt_betas)
+        if getattr(hp, "layer_decay", 0.0):
+            kwargs["layer_decay"] = hp.layer_decay
         return create_optimizer_v2(self.method.trainable(), opt=hp.optimizer, lr=hp.effective_lr(),
                                    weight_decay=hp.weight_decay, filter_bias_and_bn=self.method.filter_bias_and_bn,
                                    **kwargs)
@@ -316,7 +321,7 @@ class Trainer:
             for step, micro_batches in enumerate(_group(loader, loader.batch_sampler.group_sizes)):
                 if self.hp.sched_per_step:
                     self.scheduler.step_update(epoch * self.steps_per_epoch + step)
-                logs = self.step(micro_batches, epoch, global_size=steps[step][1])
+                logs = self.step(micro_batches, epoch, global_size=steps[step][1], index=step)
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0) + v
                 images += sum(len(y) for _, y in micro_batches)
@@ -334,14 +339,18 @@ class Trainer:
         }
 
     def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], epoch: int,
-             global_size: int | None = None) -> dict[str, torch.Tensor]:
-        """One optimizer step over this process's micro-batches of one global batch."""
+             global_size: int | None = None, index: int = 0) -> dict[str, torch.Tensor]:
+        """One optimizer step (the ``index``-th of the epoch) over this process's micro-batches of one global batch."""
         if self.cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         prepared = []
+        key = seed_hash(self.config.seed, "step", epoch, index)
+        offset = augment.shard(global_size, self.dist.rank, self.dist.world).start if global_size else 0
         with torch.no_grad(), self._autocast():
             for x, y in micro_batches:
+                self.method.batch_position = (key, offset)
                 prepared.append((self.method.prepare(_to(x, self.device), _to(y, self.device)), len(y)))
+                offset += len(y)
         # Each micro-batch loss is weighted by its share of the global batch; ranks' gradients are averaged.
         scale = self.dist.world / (global_size or self.dist.world * sum(n for _, n in prepared))
         logs = self._accumulate(prepared, scale)

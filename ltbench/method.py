@@ -64,6 +64,11 @@ class Method:
     # Dataset options this method needs by default, per dataset (e.g. DeiT-LT's frequency-sorted labels).
     data_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
+    # Set by the engine before each ``prepare``: (a seed of this optimizer step, the position of the micro-batch's
+    # first image in the global batch). Randomness keyed by it (DeiT's Mixup) is the same whatever the split of the
+    # global batch into micro-batches and processes.
+    batch_position: tuple[int, int] = (0, 0)
+
     def __init__(self, hp: Any, info: DatasetInfo, device: torch.device, upstream: Mapping[str, Upstream]) -> None:
         """Build the model(s). ``hp`` is an instance of ``Hparams``, ``info`` the dataset's class counts, names,
         mean/std and number of classes, ``upstream`` the finished runs named by ``requires``. The engine moves

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -25,6 +26,7 @@ from timm.loss import SoftTargetCrossEntropy
 from ltbench import augment
 from ltbench.config import TrainHparams, _check
 from ltbench.data import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo
+from ltbench.engine import seed_hash
 from ltbench.method import Method
 from ltbench.models import vit
 
@@ -159,13 +161,20 @@ class ERMViT(Method):
         if not self.mixing_active():
             return x, _smooth_one_hot(y, self.info.num_classes, self.hp.smoothing), y
         chunk = self.hp.mixup_batch or len(y)
-        mixed = [self._mix(xc, yc) for xc, yc in zip(x.split(chunk), y.split(chunk))]
+        key, offset = self.batch_position  # chunk j of the global batch draws from seed (key, j) on any device
+        mixed = [self._mix(xc, yc, seed_hash(key, (offset + start) // chunk))
+                 for start, xc, yc in zip(range(0, len(y), chunk), x.split(chunk), y.split(chunk))]
         return torch.cat([m[0] for m in mixed]), torch.cat([m[1] for m in mixed]), y
 
-    def _mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mix(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         if len(y) % 2:  # timm mixes image i with B-1-i: an odd chunk (a last partial batch) stays unmixed
             return x, _smooth_one_hot(y, self.info.num_classes, self.hp.smoothing)
-        return self.mixup(x, y)
+        state = np.random.get_state()  # timm draws lambda and the CutMix box from numpy's global generator
+        np.random.seed(seed)
+        try:
+            return self.mixup(x, y)
+        finally:
+            np.random.set_state(state)
 
     def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, soft, _ = batch

@@ -58,19 +58,37 @@ def test_vit_trains_the_last_partial_batch():
     assert hp["drop_last"] is False and [size for _, size in sampler.steps][-1] == 512 and len(sampler.steps) == 11
 
 
+MIX_IN_CHUNKS_OF_4 = [*FAST_VIT, "mixup=0.8", "cutmix=1.0", "mixup_batch=4", "smoothing=0"]
+
+
 def test_mixup_draws_per_chunk_of_the_released_per_gpu_batch():
-    sets = [*FAST_VIT, "mixup=0.8", "cutmix=0", "mixup_batch=4", "smoothing=0"]
-    vit, _ = _method("erm_vit", sets=sets)
+    vit, _ = _method("erm_vit", sets=MIX_IN_CHUNKS_OF_4)
     x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
-    np.random.seed(0)
-    _, soft, _ = vit.prepare(x.clone(), y)
-    assert soft[0, 3] > 0 and soft[0, 7] == 0  # image 0 is mixed with 3 (its chunk), not with 7 (the batch's end)
-    np.random.seed(0)
-    halves = [vit.prepare(part.clone(), label) for part, label in zip(x.split(4), y.split(4))]
-    np.random.seed(0)
+    vit.batch_position = (7, 0)
     whole = vit.prepare(x.clone(), y)
-    assert torch.equal(whole[0], torch.cat([h[0] for h in halves]))  # micro-batches of 4 or one of 8: same
+    assert whole[1][0, 3] > 0 and whole[1][0, 7] == 0  # image 0 is mixed with 3 (its chunk), not 7 (the batch end)
+    halves = []
+    for offset, part, label in zip((0, 4), x.split(4), y.split(4)):  # two micro-batches, or two devices
+        vit.batch_position = (7, offset)
+        halves.append(vit.prepare(part.clone(), label))
+    assert torch.equal(whole[0], torch.cat([h[0] for h in halves]))
     assert torch.equal(whole[1], torch.cat([h[1] for h in halves]))
+    vit.batch_position = (8, 0)  # another step: other draws
+    assert not torch.equal(vit.prepare(x.clone(), y)[1], whole[1])
+
+
+def test_engine_positions_micro_batches_in_the_global_batch(tmp_path):
+    """One step of 8 images as one micro-batch or two of 4: the same Mixup draws, hence the same loss."""
+    config = stages.make_config("erm_vit", "synthetic", preset="tiny", sets=[*SMALL_DATA, *MIX_IN_CHUNKS_OF_4])
+    x, y = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
+    losses = []
+    for micro in (8, 4):
+        runtime = engine.Runtime(results=tmp_path, data_root=tmp_path, device="cpu", micro_batch=micro)
+        trainer = engine.Trainer(config, stages.hparams_of(config), METHODS.get("erm_vit"),
+                                 stages.load_data(config, runtime), None, None, runtime, {})
+        parts = [(x[i:i + micro].clone(), y[i:i + micro]) for i in range(0, 8, micro)]
+        losses.append(float(trainer.step(parts, 0, global_size=8, index=3)["loss"]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_frequency_order_is_numpy_124s_unstable_argsort_with_ties():
