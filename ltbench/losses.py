@@ -122,3 +122,12 @@ def cb_focal_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: tor
     modulator = torch.exp(-gamma * (labels * logits + F.softplus(-logits))) if gamma else 1.0
     weights = class_weights.to(logits.dtype)[target].unsqueeze(1)
     return (weights * modulator * bce).sum() / labels.sum()
+
+
+def balanced_bce_loss(logits: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor,
+                      tau: float = 1.0) -> torch.Tensor:
+    """Balanced binary cross-entropy (LiVT, Xu et al. 2023): one-vs-all sigmoid BCE on ``logits + tau * log_prior``
+    against (soft, e.g. Mixup) ``targets``, summed over classes and averaged over the batch; inference uses the
+    raw logits. The logit-adjustment offset in the sigmoid form."""
+    adjusted = logits + tau * log_prior.to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(adjusted, targets.to(logits.dtype), reduction="sum") / len(logits)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ltbench.errors import UserError
 from ltbench.losses import (
+    balanced_bce_loss,
     cb_focal_loss,
     effective_number_weights,
     ldam_loss,
@@ -168,3 +169,13 @@ def test_cb_focal_modulator_is_finite_for_large_logits():
     loss = cb_focal_loss(logits, torch.tensor([1, 0]), torch.ones(2), gamma=2.0)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all() and loss.item() > 50  # confidently wrong
+
+
+def test_balanced_bce_adds_the_log_prior_inside_each_sigmoid():
+    # counts (3, 1): z + log prior = (1 + ln .75, -1 + ln .25) = (0.7123179, -2.3862944); soft targets (0.8, 0.2):
+    # -(0.8 log s(0.712) + 0.2 log(1 - s(0.712))) - (0.2 log s(-2.386) + 0.8 log(1 - s(-2.386))) = 1.1068213
+    loss = balanced_bce_loss(torch.tensor([[1.0, -1.0]]), torch.tensor([[0.8, 0.2]]), log_prior([3, 1]), tau=1.0)
+    assert loss.item() == pytest.approx(1.1068213, abs=1e-6)
+    # summed over classes, averaged over the batch: two copies of the row give the same loss
+    two = balanced_bce_loss(torch.tensor([[1.0, -1.0]] * 2), torch.tensor([[0.8, 0.2]] * 2), log_prior([3, 1]))
+    assert two.item() == pytest.approx(1.1068213, abs=1e-6)
