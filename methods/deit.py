@@ -4,6 +4,8 @@ DeiT (Touvron et al., ICML 2021) as the DeiT-LT paper's baseline: the teacher is
 CNN trained with plain cross-entropy (``erm_cnn``) on the same long-tailed data; it labels the same
 Mixup/CutMix-ed batch the student sees; L = (1 - a) * softCE(CLS, mixed targets) + a * CE(DIST, y_t)
 with a = 0.5, no re-weighting. Predictions average the two heads' logits; each head is also reported.
+As DeiT-LT's released code: inputs are normalised with ImageNet's mean/std on every dataset and the teacher
+gets that same tensor, resized bicubically without antialiasing (``normalize``, ``teacher_antialias``).
 The teacher run is found by config hash in the results folder or trained first (``requires``).
 """
 
