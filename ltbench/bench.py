@@ -39,6 +39,9 @@ def bench(config: RunConfig, runtime: Runtime, *, steps: int = 10, warmup: int |
         raise UserError("--steps must be at least 1.")
     warmup = steps if warmup is None else warmup
     hp = stages.hparams_of(config)
+    if hp.epochs == 0:
+        raise UserError(f"{config.method} trains nothing (epochs=0): there is no training step to time; its run only "
+                        f"evaluates (`ltbench run` takes about one evaluation of the test split).")
     data = stages.load_data(config, runtime)
     with tempfile.TemporaryDirectory(prefix="ltbench-bench-") as scratch:
         upstream, stand_ins = _upstream(config, runtime, data.info, Path(scratch))

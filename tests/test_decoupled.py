@@ -135,3 +135,10 @@ def test_class_balanced_sampling_refuses_repeated_augmentation():
         augment.epoch_order(10, [0] * 9 + [1], torch.Generator(), "class_balanced", repeated_aug=3)
     with pytest.raises(UserError, match="sampler must be one of"):
         augment.epoch_order(10, [0] * 10, torch.Generator(), "balanced")
+
+
+def test_bench_says_tau_norm_has_no_training_step(tmp_path):
+    from ltbench.bench import bench
+
+    with pytest.raises(UserError, match="trains nothing"):
+        bench(_config("tau_norm"), _runtime(tmp_path), steps=1)
