@@ -1,5 +1,5 @@
 """Losses of the CNN baselines: LDAM with deferred re-weighting, PaCo's parametric contrastive loss, the
-logit-adjusted (= Balanced Softmax) cross-entropy and the class-balanced sigmoid focal loss.
+logit-adjusted (= Balanced Softmax) cross-entropy, the class-balanced sigmoid focal loss and LiVT's Balanced BCE.
 
 Written from the equations in baselines.md §4 and §5; the reference implementations' numerics are
 kept where they change results: DRW uses PyTorch's *weighted mean* (sum_i w_{y_i} l_i / sum_i w_{y_i}),
