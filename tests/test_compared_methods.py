@@ -56,8 +56,6 @@ def test_balanced_softmax_trains_exactly_as_logit_adjustment_at_tau_one(tmp_path
     adjusted, _ = _fit(_trainer("logit_adjust", tmp_path / "la", sets=["tau=1"]), steps=2)
     balanced, _ = _fit(_trainer("balanced_softmax", tmp_path / "bs"), steps=2)
     assert adjusted == balanced
-    shifted, _ = _fit(_trainer("logit_adjust", tmp_path / "la2", sets=["tau=2"]), steps=2)
-    assert shifted[0] != adjusted[0]  # tau reaches the loss
 
 
 def test_cb_focal_weights_and_prior_initialised_bias(tmp_path):
