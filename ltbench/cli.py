@@ -340,15 +340,15 @@ def reproduce(suite, list_suites, dry_run, no_train, datasets, epochs, sets, gpu
     if dry_run:
         _print_suite_plan(loaded, plan)
         return
-    started, code = time.time(), 0
+    started, code, trained_s = time.time(), 0, None
     if plan.todo() and not no_train:
         resources = sw.Resources(address=address, **resource_values)
         with sw.LiveView(plan, err_console) as view:
             outcome = sw.run_sweep(plan, runtime, resources, view)
-        code = _sweep_problems(outcome)
+        code, trained_s = _sweep_problems(outcome), time.time() - started
     plan.refresh()
     verdicts = rpd.judge(loaded, plan, cells)
-    header = rpd.run_header(plan, time.time() - started, _device_text(runtime))
+    header = rpd.run_header(plan, trained_s, _device_text(runtime))
     folder = rpd.write_verdicts(loaded, verdicts, plan, header)
     _print_verdicts(loaded, verdicts)
     _say(f"verdict: {folder / 'verdict.md'} and verdict.json")

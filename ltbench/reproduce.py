@@ -506,8 +506,9 @@ def write_verdicts(suite: Suite, verdicts: Sequence[Verdict], plan: sw.SweepPlan
     return folder
 
 
-def run_header(plan: sw.SweepPlan, wall_s: float, device: str) -> dict[str, Any]:
+def run_header(plan: sw.SweepPlan, trained_s: float | None, device: str) -> dict[str, Any]:
+    """``trained_s``: wall time of this call's training (planning and Ray start included); None = trained nothing."""
+    trained = "nothing" if trained_s is None else f"{trained_s / 60:.1f} min of wall time"
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device,
-            "wall time of this call": f"{wall_s / 60:.1f} min", "results": str(plan.results),
-            "runs": sw.summarize(plan.jobs.values())}
+            "this call trained": trained, "results": str(plan.results), "runs": sw.summarize(plan.jobs.values())}
 
