@@ -85,7 +85,7 @@ reproduce() {
       >"$log" 2>&1
     rc=$?
   fi
-  if [ "$rc" != 0 ] && [ "$rc" != 1 ]; then  # stopped at the deadline (or not started): judge what is there
+  if ! grep -q "^verdict: " "$log" 2>/dev/null; then  # stopped before writing its verdict: judge what is there
     log=$V/logs/$suite.verdict.log
     ltbench reproduce "$suite" --results "$RESULTS" --no-train "${SUITE_ARGS[@]}" "$@" >"$log" 2>&1
   fi
