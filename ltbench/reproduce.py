@@ -235,6 +235,7 @@ class Overrides:
 
 
 def suite_grids(suite: Suite, overrides: Overrides = Overrides()) -> list[sw.SweepGrid]:
+    """The suite's grids with the command line's overrides (a METHOD: scoped --set goes to the grids of METHOD)."""
     methods = {m for values in suite.grids for m in sw.parse_list(values["methods"], "methods")}
     for item in overrides.sets:
         scope, colon, _ = item.partition(":")
@@ -257,7 +258,8 @@ def _applies(item: str, methods: Sequence[str]) -> bool:
     return not colon or "=" in scope or scope in methods
 
 
-def plan_suite(suite: Suite, results: Path, overrides: Overrides = Overrides()) -> tuple[sw.SweepPlan, dict]:
+def plan_suite(suite: Suite, results: Path, overrides: Overrides = Overrides()
+               ) -> tuple[sw.SweepPlan, dict[Cell, list[str]]]:
     """The sweep plan of every grid of the suite, and each expectation cell's run ids (validated: a cell must
     pick exactly one configuration of the suite, over its seeds)."""
     grids = suite_grids(suite, overrides)
