@@ -295,7 +295,8 @@ main.add_command(sweep)
 
 @main.command()
 @click.argument("suite", required=False)
-@click.option("--list", "list_suites", is_flag=True, help="List the shipped suites: size, state, projected GPU hours.")
+@click.option("--list", "list_suites", is_flag=True,
+              help="List the shipped suites: runs, expectations, projected GPU hours.")
 @click.option("--dry-run", is_flag=True, help="Print the runs, their state and projected GPU hours; train nothing.")
 @click.option("--no-train", is_flag=True, help="Judge the runs already in --results; train nothing (absent = MISSING).")
 @click.option("--datasets", default=None,
