@@ -45,7 +45,6 @@ KIND_KEYS = {"value": ("cell", "expected", "tolerance"), "order": ("better", "wo
              "finished": ("cell", "heads")}
 COMMON_KEYS = ("kind", "name", "source")
 PASS, FAIL, MISSING = "PASS", "FAIL", "MISSING"
-EAGER_RETRY = "eager_retry.json"  # the marker ltbench.stages.ensure_or_retry_eagerly leaves in a run folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,6 +402,8 @@ def _verdict(expectation: Expectation, status: str, measured: str, value: float 
 
 
 def _retry_notes(results: Path, run_ids: Sequence[str]) -> list[str]:
+    from ltbench.stages import EAGER_RETRY  # the marker ensure_or_retry_eagerly leaves in a run folder
+
     notes = []
     for run_id in dict.fromkeys(run_ids):
         marker = results / "runs" / run_id / EAGER_RETRY
