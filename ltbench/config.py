@@ -269,6 +269,11 @@ class RunConfig:
     def run_id(self) -> str:
         return hashlib.sha256(canonical_json(self.identity()).encode()).hexdigest()[:12]
 
+    @property
+    def legacy_run_id(self) -> str:
+        """The id ltbench gave this config before runtime options left the hash (folders made before 2026-11-28)."""
+        return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()[:12]
+
     def identity(self) -> dict[str, Any]:
         """What the run id hashes: the configuration without runtime options (:data:`RUNTIME_OPTIONS`)."""
         payload = self.to_dict()

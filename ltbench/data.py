@@ -111,9 +111,13 @@ class Dataset:
             raise UserError(f"The imbalance ratio rho must be >= 1 and finite (rho = n_max / n_min), got {rho}.")
         size = cls.profile_size(options)
         if size and min(exp_profile_counts(size[0], size[1], rho)) < 1:
+            n_max = size[0]
+            # n_max * (1 / n_max) can round below 1 in floating point, and the count is truncated to 0
+            largest = (f"{n_max}" if min(exp_profile_counts(n_max, size[1], n_max)) >= 1 else
+                       f"just below {n_max} ({n_max} itself rounds the rarest class down to 0 images)")
             raise UserError(f"rho={rho:g} leaves the rarest class of {cls.name} with no training image (its largest "
-                            f"class has {size[0]}, the rarest keeps n_max / rho). The largest valid rho for "
-                            f"{cls.name} here is {size[0]}.")
+                            f"class has {n_max}, the rarest keeps n_max / rho). The largest valid rho for "
+                            f"{cls.name} here is {largest}.")
 
 
 def default_data_root() -> Path:

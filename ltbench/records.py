@@ -299,9 +299,14 @@ def config_problem(folder: Path) -> str | None:
     if not path.is_file():
         return "it has no config.json (deleted?), so what it trained is unknown"
     try:
-        run_id = RunConfig.from_dict(json.loads(path.read_text())).run_id
+        config = RunConfig.from_dict(json.loads(path.read_text()))
+        run_id = config.run_id
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         return f"its config.json is unreadable ({type(exc).__name__}: {exc})"
+    if run_id != folder.name and config.legacy_run_id == folder.name:
+        return ("it was written by an older ltbench (before 2026-11-28: its run id hashed runtime options such as "
+                "workers, and its files count epochs from 0), which this version cannot read; the same command "
+                f"trains it again as run {run_id}")
     if run_id != folder.name:
         return (f"its config.json hashes to run id {run_id}, not to the folder's name {folder.name}: it was edited "
                 f"(or the folder renamed), so it no longer describes what was trained")

@@ -94,6 +94,20 @@ def test_edited_config_of_a_finished_run_is_refused_by_every_reader(copy_run):
         sweep.plan_sweep(grid, Path(results_of(run)))
 
 
+def test_a_run_folder_of_an_older_ltbench_is_named_as_such(copy_run):
+    """Before runtime options left the run id, folders were named by the hash of the whole config.json."""
+    from ltbench import report
+    from ltbench.config import RunConfig
+
+    run = copy_run("finished")
+    legacy = RunConfig.from_dict(json.loads((run / "config.json").read_text())).legacy_run_id
+    assert legacy != run.name
+    run = run.rename(run.parent / legacy)
+    out = text_of(invoke("eval", run.name, "--results", results_of(run), expect=2))
+    assert "older ltbench" in out and "edited" not in out
+    assert "older ltbench" in report.load_runs(Path(results_of(run))).incomplete[0]["reason"]
+
+
 def test_a_finished_run_without_config_json_is_named_and_counted_in_the_report(copy_run):
     from ltbench import report
 
@@ -112,12 +126,14 @@ def test_a_finished_run_without_config_json_is_named_and_counted_in_the_report(c
     ("cifar10lt", "1e9", "largest valid rho for cifar10lt here is 5000"),
     ("cifar10lt", "5001", "largest valid rho for cifar10lt here is 5000"),
     ("cifar100lt", "501", "largest valid rho for cifar100lt here is 500"),
+    ("synthetic", "50", "here is just below 49 (49 itself rounds"),  # --set data.n_max=49: 49 * (1/49) < 1
     ("cifar10lt", "inf", "must be >= 1 and finite"),
     ("synthetic", "nan", "must be >= 1 and finite"),
 ])
 def test_impossible_rho_is_refused_before_any_data_is_loaded(tmp_path, dataset, rho, message):
     # the data root does not exist: a data error would name it, the rho error comes first
-    out = text_of(invoke("run", "--method", "erm_vit", "--dataset", dataset, "--rho", rho, "--data-root",
+    n_max = ["--set", "data.n_max=49"] if "49" in message else []
+    out = text_of(invoke("run", "--method", "erm_vit", "--dataset", dataset, "--rho", rho, *n_max, "--data-root",
                          str(tmp_path / "nowhere"), "--results", str(tmp_path / "res"), expect=2))
     assert message in out
     assert not (tmp_path / "res" / "runs").exists()
