@@ -27,6 +27,7 @@ from ltbench.methods.deit import TEACHERS, teacher_config
 from ltbench.methods.erm_cnn import ERMCNN, LARGE_DATASETS, CNNHparams, layered
 from torch import nn
 
+from ltbench import augment
 from ltbench.config import RunConfig, _check
 from ltbench.errors import UserError
 from ltbench.teacher import FrozenTeacher
@@ -56,6 +57,11 @@ class DecoupledHparams(CNNHparams):
         super().validate()
         _check(self.stage1 in TEACHERS, f"stage1 must be one of {', '.join(sorted(TEACHERS))}, not {self.stage1!r} "
                                         f"(or give stage1_run=RUN)")
+        # the engine would refuse these only when stage 2 starts, after stage 1 has trained
+        _check(self.sampler in augment.SAMPLERS, f"sampler must be one of {', '.join(augment.SAMPLERS)}, not "
+                                                 f"{self.sampler!r}")
+        _check(not (self.sampler == "class_balanced" and self.repeated_aug > 1),
+               "sampler=class_balanced cannot be combined with repeated_aug > 1; set repeated_aug=1")
 
 
 class Decoupled(ERMCNN):

@@ -14,6 +14,8 @@ from ltbench.errors import UserError
 from ltbench.records import run_record
 from ltbench.registry import EVALUATORS, METHODS
 
+from .conftest import set_args
+
 DATA = ["data.num_classes=4", "data.n_max=40", "data.rho=8", "data.n_test=4", "data.image_size=16"]
 STAGE1 = "stage1_overrides=epochs=1,batch_size=32"
 DECOUPLED = ("crt", "tau_norm", "lws")
@@ -135,6 +137,17 @@ def test_class_balanced_sampling_refuses_repeated_augmentation():
         augment.epoch_order(10, [0] * 9 + [1], torch.Generator(), "class_balanced", repeated_aug=3)
     with pytest.raises(UserError, match="sampler must be one of"):
         augment.epoch_order(10, [0] * 10, torch.Generator(), "balanced")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["sampler=balanced"], "sampler must be one of instance, class_balanced, not 'balanced'"),
+    (["repeated_aug=3"], "sampler=class_balanced cannot be combined with repeated_aug > 1"),
+])
+def test_stage2_sampler_settings_are_refused_before_stage_1_trains(cli, tmp_path, extra, message):
+    out = cli("run", "--method", "crt", "--dataset", "synthetic", "--preset", "tiny", "--results", str(tmp_path),
+              *set_args(*DATA, *extra), expect=2)
+    assert message in " ".join(out.output.split()) and "Traceback" not in out.output
+    assert not (tmp_path / "runs").exists()  # refused when the config is resolved, nothing trained
 
 
 def test_bench_says_tau_norm_has_no_training_step(tmp_path):
