@@ -27,12 +27,16 @@ from ltbench.errors import UserError
 class TauNormHparams(DecoupledHparams):
     min_epochs: ClassVar[int] = 0
     epochs: int = 0
+    warmup_epochs: int = 0  # nothing is trained
     tau: float = 1.0
     sampler: str = "instance"  # nothing is trained
 
     def validate(self) -> None:
+        # first, so that --epochs N gets this message rather than one about an inherited schedule field
+        _check(self.epochs == 0, f"tau_norm trains nothing (it rescales the stage-1 classifier), so --epochs does not "
+                                 f"apply: leave it out (epochs must be 0, not {self.epochs}); the stage-1 run's "
+                                 f"epochs are set with --set stage1_overrides=epochs=N")
         super().validate()
-        _check(self.epochs == 0, "tau_norm trains nothing: epochs must be 0")
         _check(self.tau >= 0, "tau must be >= 0 (0 is the stage-1 classifier without its bias)")
 
 

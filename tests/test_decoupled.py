@@ -150,6 +150,15 @@ def test_stage2_sampler_settings_are_refused_before_stage_1_trains(cli, tmp_path
     assert not (tmp_path / "runs").exists()  # refused when the config is resolved, nothing trained
 
 
+def test_tau_norm_says_epochs_do_not_apply(cli, tmp_path):
+    out = cli("run", "--method", "tau_norm", "--dataset", "synthetic", "--preset", "tiny", "--epochs", "2",
+              "--results", str(tmp_path), expect=2)
+    text = " ".join(out.output.split())
+    assert "tau_norm trains nothing" in text and "--epochs does not apply" in text and "warmup" not in text
+    assert "Traceback" not in out.output and not (tmp_path / "runs").exists()
+    assert _config("tau_norm").hparams["warmup_epochs"] == 0
+
+
 def test_bench_says_tau_norm_has_no_training_step(tmp_path):
     from ltbench.bench import bench
 
