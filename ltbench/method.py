@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -45,6 +45,35 @@ class Upstream:
     record: RunRecord
 
 
+def upstream_reference(config: RunConfig, role: str,
+                       build: Callable[[str, tuple[str, ...]], RunConfig]) -> dict[str, RunConfig | str]:
+    """``requires`` of a method with one ``role`` upstream run chosen by the hyperparameters ``{role}_run`` (an
+    existing run: id, prefix or folder) or else ``build(preset, overrides)``: the run trained on demand, with
+    ``{role}_preset`` ("" = this run's preset) and the KEY=VALUE items of ``{role}_overrides``."""
+    hp = config.hparams
+    if hp[f"{role}_run"]:
+        return {role: hp[f"{role}_run"]}
+    return {role: build(hp[f"{role}_preset"] or config.preset, tuple(hp[f"{role}_overrides"]))}
+
+
+class BatchPosition(NamedTuple):
+    """Where a micro-batch sits in training: the run's seed, the 0-based epoch and optimizer step of the epoch,
+    and the position of the micro-batch's first image in the global batch (this process's shard start plus the
+    micro-batches before it). The engine sets it before each ``prepare`` without hashing anything; a method
+    that draws keyed randomness calls ``key()`` only when it needs it (ViT Mixup, while mixing is on)."""
+
+    seed: int
+    epoch: int
+    index: int
+    offset: int
+
+    def key(self) -> int:
+        """A seed of this optimizer step, the same on every process and for every micro-batch of the step."""
+        from ltbench.engine import seed_hash  # the engine imports this module
+
+        return seed_hash(self.seed, "step", self.epoch, self.index)
+
+
 class Method:
     """Base class of method plugins. Subclass, set ``Hparams`` and ``presets``, implement the hooks."""
 
@@ -64,10 +93,10 @@ class Method:
     # Dataset options this method needs by default, per dataset (e.g. DeiT-LT's frequency-sorted labels).
     data_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    # Set by the engine before each ``prepare``: (a seed of this optimizer step, the position of the micro-batch's
-    # first image in the global batch). Randomness keyed by it (DeiT's Mixup) is the same whatever the split of the
-    # global batch into micro-batches and processes.
-    batch_position: tuple[int, int] = (0, 0)
+    # Set by the engine before each ``prepare``: a ``BatchPosition`` (run seed, epoch, step, the position of the
+    # micro-batch's first image in the global batch). Randomness keyed by ``key()`` and the position (ViT Mixup)
+    # is the same whatever the split of the global batch into micro-batches and processes.
+    batch_position: BatchPosition = BatchPosition(0, 0, 0, 0)
 
     def __init__(self, hp: Any, info: DatasetInfo, device: torch.device, upstream: Mapping[str, Upstream]) -> None:
         """Build the model(s). ``hp`` is an instance of ``Hparams``, ``info`` the dataset's class counts, names,

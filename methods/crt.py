@@ -18,6 +18,7 @@ configs). CIFAR-LT has no released stage-2 recipe: the same 10 epochs at batch 1
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from torch import nn
 from ltbench import augment
 from ltbench.config import RunConfig, _check
 from ltbench.errors import UserError
+from ltbench.method import upstream_reference
 from ltbench.teacher import FrozenTeacher
 
 # the stage-1 input pipeline on the large datasets (erm_cnn's), so stage 2 sees the images stage 1 was trained on
@@ -72,11 +74,8 @@ class Decoupled(ERMCNN):
 
     @classmethod
     def requires(cls, config: RunConfig) -> dict[str, RunConfig | str]:
-        hp = config.hparams
-        if hp["stage1_run"]:
-            return {"stage1": hp["stage1_run"]}
-        return {"stage1": teacher_config(config, hp["stage1"], hp["stage1_preset"] or config.preset,
-                                         tuple(hp["stage1_overrides"]))}
+        return upstream_reference(config, "stage1", functools.partial(teacher_config, config,
+                                                                      config.hparams["stage1"]))
 
     def build_model(self) -> nn.Module:
         """The trained head; the frozen stage-1 network (``self.stage1``) is rebuilt from its run folder."""

@@ -22,6 +22,7 @@ from ltbench.methods.erm_vit import VIT_PRESETS, ERMViT, ViTHparams
 from ltbench import analysis
 from ltbench.config import RunConfig, _check
 from ltbench.errors import UserError
+from ltbench.method import upstream_reference
 from ltbench.models import distilled_heads
 from ltbench.teacher import FrozenTeacher
 
@@ -89,11 +90,8 @@ class DeiT(ERMViT):
 
     @classmethod
     def requires(cls, config: RunConfig) -> dict[str, RunConfig | str]:
-        hp = config.hparams
-        if hp["teacher_run"]:
-            return {"teacher": hp["teacher_run"]}
-        preset = hp["teacher_preset"] or config.preset
-        return {"teacher": teacher_config(config, hp["teacher"], preset, tuple(hp["teacher_overrides"]))}
+        return upstream_reference(config, "teacher", functools.partial(teacher_config, config,
+                                                                       config.hparams["teacher"]))
 
     def __init__(self, hp: DeiTHparams, info, device, upstream) -> None:
         super().__init__(hp, info, device, upstream)

@@ -41,6 +41,7 @@ from ltbench import augment
 from ltbench.config import RunConfig, _check
 from ltbench.errors import UserError
 from ltbench.losses import balanced_bce_loss, log_prior
+from ltbench.method import upstream_reference
 from ltbench.models import vit
 
 # MAE pretraining on top of each ViT preset's encoder: no label mixing, no RandAugment, no drop path or EMA
@@ -207,14 +208,10 @@ class LiVT(ERMViT):
     def requires(cls, config: RunConfig) -> dict[str, RunConfig | str]:
         from ltbench import stages
 
-        hp = config.hparams
-        if hp["pretrain_run"]:
-            return {"pretrain": hp["pretrain_run"]}
-        encoder = [f"{key}={hp[key]}" for key in _ENCODER_FIELDS]
-        return {"pretrain": stages.make_config("livt_mgp", config.dataset, seed=config.seed,
-                                               preset=hp["pretrain_preset"] or config.preset,
-                                               data_options=config.data,
-                                               sets=[*encoder, *hp["pretrain_overrides"]])}
+        encoder = [f"{key}={config.hparams[key]}" for key in _ENCODER_FIELDS]
+        return upstream_reference(config, "pretrain", lambda preset, overrides: stages.make_config(
+            "livt_mgp", config.dataset, seed=config.seed, preset=preset, data_options=config.data,
+            sets=[*encoder, *overrides]))
 
     def __init__(self, hp: LiVTHparams, info, device, upstream) -> None:
         super().__init__(hp, info, device, upstream)
