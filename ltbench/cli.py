@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -118,6 +119,9 @@ class LTGroup(click.Group):
         debug = ctx.params.get("debug") or os.environ.get("LTBENCH_DEBUG", "") not in ("", "0")
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # the reader went away (`ltbench list | head`): nothing left to say to it
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+            sys.exit(141)
         except (UserError, OSError) as exc:
             if debug:
                 raise
@@ -404,10 +408,7 @@ def _print_suite_plan(suite, plan) -> None:
 def _list_suites(results: Path) -> None:
     from ltbench import reproduce as rpd
 
-    table = Table(title="reproduction suites (ltbench reproduce SUITE)")
-    for col in ("suite", "runs", "expectations", "projected GPU h", "description"):
-        table.add_column(col, justify="right" if col in ("runs", "expectations", "projected GPU h") else "left",
-                         no_wrap=col == "suite")
+    rows = []
     throughput = rpd.throughput_table()
     for name, path in sorted(rpd.shipped_suites().items()):
         suite = rpd.load_suite(str(path))
@@ -415,8 +416,9 @@ def _list_suites(results: Path) -> None:
         hours = [rpd.projected_hours(j, throughput) for j in plan.jobs.values()]
         known = sum(h for h in hours if h is not None)
         cost = "n/a (CPU)" if all(h is None for h in hours) else f"{known:.2f}" + ("+" if None in hours else "")
-        table.add_row(name, str(len(plan.jobs)), str(len(suite.expectations)), cost, suite.summary)
-    console.print(table)
+        rows.append((name, str(len(plan.jobs)), str(len(suite.expectations)), cost, suite.summary))
+    numbers = ("runs", "expectations", "projected GPU h")
+    _print_listing(("suite", *numbers, "description"), rows, "reproduction suites (ltbench reproduce SUITE)", numbers)
     console.print(rpd.PROJECTION_TEXT, style="dim", highlight=False)
 
 
@@ -560,17 +562,27 @@ def list_(what: str) -> None:
         return
     registry = {"methods": METHODS, "datasets": DATASETS, "evaluators": EVALUATORS}[what]
     rows = [(name, registry.source(name), _summary(name, cls)) for name, cls in registry]
-    if console.is_terminal:  # a table whose last column wraps inside itself
-        table = Table(box=None, show_header=False, pad_edge=False)
-        for column in ("name", "source", "description"):
-            table.add_column(column, no_wrap=column != "description", style="bold" if column == "name" else None)
+    _print_listing(("name", "source", "description"), rows)
+
+
+def _print_listing(columns: tuple[str, ...], rows: list[tuple[str, ...]], title: str | None = None,
+                   right: tuple[str, ...] = ()) -> None:
+    """On a terminal, a table whose last column wraps inside itself; piped, one unwrapped line per row."""
+    if console.is_terminal:
+        table = Table(title=title, box=None if title is None else box.SIMPLE, show_header=title is not None,
+                      pad_edge=False)
+        for i, column in enumerate(columns):
+            table.add_column(column, no_wrap=i < len(columns) - 1, style="bold" if i == 0 else None,
+                             justify="right" if column in right else "left")
         for row in rows:
-            table.add_row(*(Text(cell) for cell in row))  # docstrings are not rich markup
+            table.add_row(*(Text(cell) for cell in row))  # docstrings and summaries are not rich markup
         console.print(table, highlight=False)
         return
-    widths = [max(len(row[i]) for row in rows) for i in range(2)] if rows else [0, 0]
-    for name, source, summary in rows:  # piped: one unwrapped line per entry
-        click.echo(f"{name:<{widths[0]}}  {source:<{widths[1]}}  {summary}")
+    shown = [columns, *rows] if title is not None else rows
+    widths = [max(len(row[i]) for row in shown) for i in range(len(columns) - 1)] if shown else []
+    for row in shown:
+        cells = [cell.rjust(w) if col in right else cell.ljust(w) for cell, w, col in zip(row, widths, columns)]
+        click.echo("  ".join([*cells, row[-1]]))
 
 
 def _summary(name: str, cls: type) -> str:

@@ -143,6 +143,8 @@ def test_unknown_and_malformed_suites_on_the_command_line(cli, tmp_path):
     assert "broken.yaml, key runs: expected a non-empty list" in " ".join(out.output.split())
     listing = cli("reproduce", "--list", "--results", str(tmp_path)).output
     assert all(name in listing for name in ("smoke", "cifar10lt-short", "cifar10lt-cnn-paper", "deitlt-paper"))
+    rows = {line.split()[0]: line for line in listing.splitlines() if line and not line[0].isspace()}
+    assert "One H100/H200" in rows["cifar10lt-short"]  # piped: one unwrapped line per suite, description included
 
 
 def test_dry_run_shows_states_and_projected_hours(cli, tmp_path):
