@@ -29,7 +29,7 @@ from ltbench.config import COMPILE_MODES, RunConfig, TrainHparams
 from ltbench.data import LTData
 from ltbench.errors import UserError
 from ltbench.evaluate import Evaluator, predict_split
-from ltbench.method import Method, Upstream, compute_loss
+from ltbench.method import BatchPosition, Method, Upstream, compute_loss
 from ltbench.models import count_parameters
 from ltbench.progress import RunMonitor
 from ltbench.records import EPOCH_NUMBERING, RunRecord, atomic_torch_save, atomic_write_json
@@ -344,11 +344,12 @@ class Trainer:
         if self.cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         prepared = []
-        key = seed_hash(self.config.seed, "step", epoch, index)
-        offset = augment.shard(global_size, self.dist.rank, self.dist.world).start if global_size else 0
+        # No hashing here: a method that keys randomness by the position (ViT Mixup) derives its seed when it mixes.
+        distributed_step = global_size and self.dist.enabled
+        offset = augment.shard(global_size, self.dist.rank, self.dist.world).start if distributed_step else 0
         with torch.no_grad(), self._autocast():
             for x, y in micro_batches:
-                self.method.batch_position = (key, offset)
+                self.method.batch_position = BatchPosition(self.config.seed, epoch, index, offset)
                 prepared.append((self.method.prepare(_to(x, self.device), _to(y, self.device)), len(y)))
                 offset += len(y)
         # Each micro-batch loss is weighted by its share of the global batch; ranks' gradients are averaged.

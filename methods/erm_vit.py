@@ -156,18 +156,39 @@ class ERMViT(Method):
         return self.mixup is not None
 
     def prepare(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mix once per step, one lambda and CutMix box per ``mixup_batch`` images; returns (images, soft
-        targets, hard labels)."""
+        """Mix once per step, one lambda and CutMix box per ``mixup_batch`` images of the global batch; returns
+        (images, soft targets, hard labels).
+
+        Chunk j holds images [j·mixup_batch, (j+1)·mixup_batch) of the global batch, wherever its micro-batches
+        and processes cut it (``batch_position``). The micro-batch is cut at the chunk boundaries and each piece
+        is mixed with the draws seeded by (step, j): the pieces of a chunk split across micro-batches or devices
+        get the same lambda, the same CutMix-or-Mixup choice and the same box coordinates. Partners stay within
+        a piece: timm pairs image i of a piece of P images with image P − 1 − i (a whole chunk pairs exactly as a
+        released per-GPU batch); a piece of an odd number of images stays unmixed, as timm needs pairs.
+        ``mixup_batch=0`` draws once per micro-batch.
+        """
         if not self.mixing_active():
             return x, _smooth_one_hot(y, self.info.num_classes, self.hp.smoothing), y
-        chunk = self.hp.mixup_batch or len(y)
-        key, offset = self.batch_position  # chunk j of the global batch draws from seed (key, j) on any device
-        mixed = [self._mix(xc, yc, seed_hash(key, (offset + start) // chunk))
-                 for start, xc, yc in zip(range(0, len(y), chunk), x.split(chunk), y.split(chunk))]
+        position = self.batch_position
+        key = position.key()  # hashed only while mixing: the engine's hot path does not pay for it
+        mixed = [self._mix(x[start:end], y[start:end], seed_hash(key, chunk_index))
+                 for chunk_index, start, end in self._pieces(position.offset, len(y))]
         return torch.cat([m[0] for m in mixed]), torch.cat([m[1] for m in mixed]), y
 
+    def _pieces(self, offset: int, size: int) -> list[tuple[int, int, int]]:
+        """(global chunk index, start, end) of the pieces of the micro-batch at ``offset`` of the global batch."""
+        chunk = self.hp.mixup_batch
+        if not chunk:  # one draw per micro-batch
+            return [(offset // size, 0, size)]
+        pieces, start = [], 0
+        while start < size:
+            end = min(size, start + chunk - (offset + start) % chunk)  # the next chunk boundary or the end
+            pieces.append(((offset + start) // chunk, start, end))
+            start = end
+        return pieces
+
     def _mix(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(y) % 2:  # timm mixes image i with B-1-i: an odd chunk (a last partial batch) stays unmixed
+        if len(y) % 2:  # timm mixes image i with B-1-i: an odd piece (last partial batch, split chunk) stays unmixed
             return x, _smooth_one_hot(y, self.info.num_classes, self.hp.smoothing)
         state = np.random.get_state()  # timm draws lambda and the CutMix box from numpy's global generator
         np.random.seed(seed)

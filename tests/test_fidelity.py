@@ -11,6 +11,7 @@ from ltbench import engine, stages
 from ltbench.augment import MicroBatchSampler
 from ltbench.data import IMAGENET_MEAN, frequency_order
 from ltbench.errors import UserError
+from ltbench.method import BatchPosition
 from ltbench.registry import METHODS
 from ltbench.teacher import teacher_input
 from tests.conftest import FAST_VIT
@@ -64,17 +65,41 @@ MIX_IN_CHUNKS_OF_4 = [*FAST_VIT, "mixup=0.8", "cutmix=1.0", "mixup_batch=4", "sm
 def test_mixup_draws_per_chunk_of_the_released_per_gpu_batch():
     vit, _ = _method("erm_vit", sets=MIX_IN_CHUNKS_OF_4)
     x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
-    vit.batch_position = (7, 0)
+    vit.batch_position = BatchPosition(7, 0, 0, 0)
     whole = vit.prepare(x.clone(), y)
     assert whole[1][0, 3] > 0 and whole[1][0, 7] == 0  # image 0 is mixed with 3 (its chunk), not 7 (the batch end)
     halves = []
     for offset, part, label in zip((0, 4), x.split(4), y.split(4)):  # two micro-batches, or two devices
-        vit.batch_position = (7, offset)
+        vit.batch_position = BatchPosition(7, 0, 0, offset)
         halves.append(vit.prepare(part.clone(), label))
     assert torch.equal(whole[0], torch.cat([h[0] for h in halves]))
     assert torch.equal(whole[1], torch.cat([h[1] for h in halves]))
-    vit.batch_position = (8, 0)  # another step: other draws
+    vit.batch_position = BatchPosition(7, 0, 1, 0)  # another step: other draws
     assert not torch.equal(vit.prepare(x.clone(), y)[1], whole[1])
+
+
+def test_a_chunk_split_across_micro_batches_keeps_its_lambda_and_box():
+    """Chunks of 4 in a global batch of 12 cut into micro-batches of 6: chunk 1 (images 4-7) is split 2 + 2."""
+    vit, _ = _method("erm_vit", sets=MIX_IN_CHUNKS_OF_4)
+    x, y = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(12) % 10
+    out, soft = {}, {}
+    for micro in (12, 6):
+        parts = []
+        for offset in range(0, 12, micro):
+            vit.batch_position = BatchPosition(3, 2, 5, offset)
+            parts.append(vit.prepare(x[offset:offset + micro].clone(), y[offset:offset + micro]))
+        out[micro], soft[micro] = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    # with smoothing 0 an image's own label weighs its lambda (labels are distinct within a chunk)
+    lam = {micro: soft[micro][torch.arange(12), y] for micro in out}
+    per_chunk = lam[12].view(3, 4)
+    assert torch.equal(per_chunk, per_chunk[:, :1].expand(3, 4)) and (per_chunk < 1).all()  # one lambda per chunk
+    assert len(set(per_chunk[:, 0].tolist())) == 3  # three draws
+    assert torch.equal(lam[6], lam[12])  # every image keeps its global chunk's lambda, split or not
+    assert torch.equal(out[6] != x, out[12] != x)  # and its chunk's box (under Mixup every pixel changes)
+    for whole in (slice(0, 4), slice(8, 12)):  # chunks 0 and 2 are whole in either split: identical mixes
+        assert torch.equal(out[6][whole], out[12][whole]) and torch.equal(soft[6][whole], soft[12][whole])
+    # partners stay within a piece: image 4 pairs with 7 in the whole chunk, with 5 in the piece 4-5
+    assert soft[12][4, y[7]] == 1 - lam[12][4] and soft[6][4, y[5]] == 1 - lam[6][4]
 
 
 def test_engine_positions_micro_batches_in_the_global_batch(tmp_path):
