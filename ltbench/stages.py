@@ -173,14 +173,38 @@ def resolve_upstream(config: RunConfig, runtime: Runtime, train: bool) -> dict[s
     upstream = {}
     for role, ref in METHODS.get(config.method).requires(config).items():
         if isinstance(ref, RunConfig):
+            _check_standalone(config, role, ref)
             record = ensure(ref, runtime) if train else run_record(runtime.results, ref)
             upstream[role] = Upstream(ref, record)
             continue
         record = find_run(runtime.results, ref)
+        _check_standalone(config, role, record.config())
         if not record.done:
             raise UserError(f"The {role} run {record.path} is not finished (no DONE marker); finish it first.")
         upstream[role] = Upstream(record.config(), record)
     return upstream
+
+
+def _check_standalone(config: RunConfig, role: str, upstream: RunConfig) -> None:
+    """An upstream run is rebuilt from its folder alone (its method with no upstream runs of its own, e.g. as a
+    :class:`~ltbench.teacher.FrozenTeacher`): refuse one whose method needs upstream runs itself (a ``crt`` run as
+    the stage 1 of ``lws`` or the teacher of ``deit``), before any run folder is made."""
+    what = f"The {role} run {upstream.run_id} (method {upstream.method})"
+    try:
+        needs = METHODS.get(upstream.method).requires(upstream)
+    except UserError as exc:
+        raise UserError(f"{what} cannot be rebuilt from its config.json: {exc}") from exc
+    if not needs:
+        return
+    theirs = {r: ref if isinstance(ref, str) else ref.run_id for r, ref in needs.items()}
+    listed = ", ".join(f"its {r} run {ref}" for r, ref in theirs.items())
+    option = f"{role}_run"
+    hint = (f" (--set {option}={next(iter(theirs.values()))})" if option in config.hparams and len(theirs) == 1
+            else "")
+    unset = f", or leave {option} unset to have one trained" if option in config.hparams else ""
+    raise UserError(f"{what} is itself built on an upstream run ({listed}), so it cannot be rebuilt on its own as "
+                    f"the {role} of a {config.method} run. Give a run that stands alone instead, e.g. "
+                    f"{'that run' if len(theirs) == 1 else 'one of those'}{hint}{unset}.")
 
 
 def train(config: RunConfig, record: RunRecord, runtime: Runtime, upstream: dict[str, Upstream]) -> None:

@@ -104,6 +104,20 @@ def test_stage1_options_and_mismatched_inputs(results):
         _trainer("crt", results, "img_size=48")
 
 
+@pytest.mark.parametrize(("method", "option"), [("lws", "stage1_run"), ("deit", "teacher_run")])
+def test_a_stage2_run_is_refused_as_an_upstream_run(cli, results, method, option):
+    crt = stages.ensure(_config("crt"), _runtime(results))
+    stage1 = crt.result()["upstream"]["stage1"]["run_id"]
+    before = sorted((results / "runs").iterdir())
+    extra = [*DATA, "batch_size=16", f"{option}={crt.run_id}", *(["workers=0"] if method == "deit" else [])]
+    out = cli("run", "--method", method, "--dataset", "synthetic", "--preset", "tiny", "--results", str(results),
+              *set_args(*extra), expect=2)
+    text = " ".join(out.output.split())
+    assert f"run {crt.run_id} (method crt) is itself built on an upstream run (its stage1 run {stage1})" in text
+    assert f"--set {option}={stage1}" in text and "Traceback" not in out.output
+    assert sorted((results / "runs").iterdir()) == before  # refused before any run folder is made
+
+
 # ----------------------------------------------------------------------------------------------
 # Class-balanced sampling (the engine's sampler hook)
 
