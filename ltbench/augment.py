@@ -188,10 +188,14 @@ class ClassBalancedSampler(Sampler[int]):
 
 
 def class_balanced_length(labels: Sequence[int]) -> int:
+    """Samples in a class-balanced epoch of these labels (:func:`class_balanced_epoch` of their class counts)."""
+    return class_balanced_epoch(np.bincount(np.asarray(labels)))
+
+
+def class_balanced_epoch(counts: Sequence[int]) -> int:
     """Samples in a class-balanced epoch: the largest class's count times the number of classes present."""
-    counts = np.bincount(np.asarray(labels))
-    counts = counts[counts > 0]
-    return int(counts.max()) * len(counts)
+    present = [int(c) for c in counts if c > 0]
+    return max(present) * len(present)
 
 
 def epoch_order(n: int, labels: Sequence[int], generator: torch.Generator, sampler: str = "instance",

@@ -422,10 +422,12 @@ def exit_code(verdicts: Sequence[Verdict]) -> int:
 # Projected GPU hours
 
 
-PROJECTION_TEXT = ("projected GPU hours = epochs x training images / the training rate measured on one H200 for the "
-                   "same network and batch (ltbench/reference/h200_throughput.csv, from docs/performance.md), halved "
-                   "with SAM's second pass, + 5 % for evaluation (the default interval's budget); n/a = no measured "
-                   "rate for that network")
+PROJECTION_TEXT = ("projected GPU hours = epochs x training images (max_c n_c x C per class-balanced epoch; none for "
+                   "tau_norm, which trains nothing) / the training rate measured on one H200 for the same network and "
+                   "batch (ltbench/reference/h200_throughput.csv, from docs/performance.md), halved with SAM's second "
+                   "pass, + 5 % for evaluation (the default interval's budget); a decoupled stage 2 (crt, lws: a "
+                   "classifier on frozen features) is projected at the full network's training rate, an upper bound; "
+                   "n/a = no measured rate for that network")
 
 
 def throughput_table() -> pd.DataFrame:
@@ -442,18 +444,23 @@ def network_of(hparams: Mapping[str, Any]) -> str:
 
 
 def projected_hours(job: sw.Job, table: pd.DataFrame) -> float | None:
-    from ltbench import stages
+    from ltbench import augment, stages
     from ltbench.engine import EVAL_BUDGET
     from ltbench.registry import DATASETS
 
     hp = stages.hparams_of(job.config)
+    epochs = max(0, hp.epochs - job.epochs_done)
+    if epochs == 0:
+        return 0.0  # finished, or a method that trains nothing (tau_norm)
     rows = table[(table["network"] == network_of(job.config.hparams)) & (table["batch"] == hp.batch_size)]
     rows = rows[rows["method"].isin([job.config.method, "*"])].sort_values("method", key=lambda m: m == "*")
     dataset_cls = DATASETS.get(job.config.dataset)
     if rows.empty or not hasattr(dataset_cls, "train_counts"):
         return None
     options = stages._dataset_options(dataset_cls, None, dict(job.config.data))
-    images = sum(dataset_cls.train_counts(options)) * max(0, hp.epochs - job.epochs_done)
+    counts = dataset_cls.train_counts(options)
+    per_epoch = augment.class_balanced_epoch(counts) if getattr(hp, "sampler", "") == "class_balanced" else sum(counts)
+    images = per_epoch * epochs
     rate = float(rows["images_per_s"].iloc[0]) / (2 if hp.uses_sam else 1)
     return images / rate * (1 + EVAL_BUDGET) / 3600
 

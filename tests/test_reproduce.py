@@ -97,6 +97,23 @@ def test_deitlt_paper_plan_projects_gpu_hours_without_the_data(tmp_path):
     assert hours["deitlt"] > 1  # 1200 epochs of DeiT-B at 224 px: hours, not minutes
 
 
+def test_projection_counts_class_balanced_epochs_and_nothing_for_tau_norm(tmp_path):
+    from ltbench.registry import DATASETS
+
+    plan, _ = rpd.plan_suite(rpd.load_suite("cifar10lt-baselines-short"), tmp_path)
+    jobs = {j.config.method: j for j in plan.jobs.values()}
+    hours = {method: rpd.projected_hours(job, rpd.throughput_table()) for method, job in jobs.items()}
+    assert hours["tau_norm"] == 0.0 and hours["erm_cnn"] > 0
+    dataset = DATASETS.get("cifar10lt")
+    counts = dataset.train_counts(stages._dataset_options(dataset, None, dict(jobs["crt"].config.data)))
+    epochs = {m: jobs[m].config.hparams["epochs"] for m in ("crt", "erm_cnn")}
+    assert jobs["crt"].config.hparams["batch_size"] == jobs["erm_cnn"].config.hparams["batch_size"]  # one rate
+    balanced = max(counts) * len(counts)  # 5000 x 10, not the 12406 images of CIFAR-10-LT rho 100
+    expected = epochs["crt"] * balanced / (epochs["erm_cnn"] * sum(counts))
+    assert hours["crt"] / hours["erm_cnn"] == pytest.approx(expected)
+    assert hours["lws"] == hours["crt"]
+
+
 @pytest.mark.parametrize(("text", "key", "message"), [
     ("runs: []\nexpectations: []\n", "runs", "non-empty list"),
     ("runs:\n  - {methods: [erm_cnn], dataset: [synthetic]}\nexpectations: [{kind: finished}]\n", "runs[0]",
@@ -152,6 +169,8 @@ def test_dry_run_shows_states_and_projected_hours(cli, tmp_path):
     assert "6 run(s) (0 upstream), 7 expectation(s): 6 new" in out
     assert out.count(" new ") == 6 and "GPU h" in out and "projected:" in out and "H200" in out
     assert "compile reduce-overhead, GPUs per run 0.25" in out  # the suite's runtime defaults
+    assert "decoupled stage 2 (crt, lws: a classifier on frozen features) is projected at the full network's " \
+           "training rate, an upper bound" in " ".join(out.split())
     assert not (tmp_path / "runs").exists()
     rehearsal = cli("reproduce", "cifar10lt-short", "--dry-run", "--results", str(tmp_path), "--no-compile",
                     "--gpus-per-trial", "0", "--datasets", "synthetic", "--epochs", "1").output
