@@ -94,6 +94,11 @@ def resnet32() -> ResNetCIFAR:
     return ResNetCIFAR(blocks_per_stage=5)
 
 
+def resnet8() -> ResNetCIFAR:
+    """The smallest of He et al.'s CIFAR family (n = 1): for CPU demos and tests that compile the network."""
+    return ResNetCIFAR(blocks_per_stage=1)
+
+
 def resnet50() -> nn.Module:
     """torchvision's ResNet-50 from scratch with its fc removed, so it returns the 2048-d pooled feature."""
     from torchvision.models import resnet50 as tv_resnet50
@@ -104,7 +109,7 @@ def resnet50() -> nn.Module:
     return model
 
 
-BACKBONES: dict[str, Callable[[], nn.Module]] = {"resnet32": resnet32, "resnet50": resnet50}
+BACKBONES: dict[str, Callable[[], nn.Module]] = {"resnet32": resnet32, "resnet8": resnet8, "resnet50": resnet50}
 
 
 def backbone(arch: str) -> nn.Module:

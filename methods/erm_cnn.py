@@ -39,7 +39,7 @@ LARGE_DATASETS = ("imagenetlt", "inat2018")
 
 @dataclass
 class CNNHparams(TrainHparams):
-    arch: str = "resnet32"  # resnet32 (CIFAR ResNet, option-A shortcuts) | resnet50 (torchvision)
+    arch: str = "resnet32"  # resnet32 (CIFAR ResNet, option-A shortcuts; resnet8: its n = 1 sibling) | resnet50
     img_size: int = 32  # network input side; 224 for ResNet-50 on the large datasets
     augment: str = "cifar"  # cifar: crop+flip | imagenet: RandomResizedCrop, flip, ColorJitter 0.4
     classifier: str = "linear"  # linear | normed (cosine)

@@ -25,7 +25,7 @@ from ltbench.registry import METHODS
 # Shared settings keep each trial to a couple of seconds on 2 cores; ViT-only keys are scoped to erm_vit.
 FAST = ["workers=0", "batch_size=32", "data.n_max=40", "data.n_test=8", "erm_vit:auto_augment=",
         "erm_vit:re_prob=0", "erm_vit:mixup=0", "erm_vit:cutmix=0"]
-GRID = ["--methods", "erm_vit,erm_cnn", "--datasets", "synthetic", "--rho", "5,10", "--seeds", "0,1",
+GRID = ["--methods", "erm_vit,erm_cnn", "--datasets", "synthetic", "--rho", "10", "--seeds", "0,1",
         "--preset", "tiny", "--epochs", "2", *[a for s in FAST for a in ("--set", s)]]
 
 
@@ -178,8 +178,8 @@ def test_error_summary_reports_the_root_cause():
 
 def test_dry_run_prints_the_grid_and_trains_nothing(cli, tmp_path):
     out = cli("sweep", *GRID, "--results", str(tmp_path), "--dry-run")
-    assert "8 cell(s) -> 8 run(s) (0 upstream): 8 new" in out.output
-    assert out.output.count(" new ") == 8 and "erm_cnn" in out.output
+    assert "4 cell(s) -> 4 run(s) (0 upstream): 4 new" in out.output
+    assert out.output.count(" new ") == 4 and "erm_cnn" in out.output
     assert not (tmp_path / "runs").exists()
 
 
@@ -211,14 +211,14 @@ def test_sweep_completes_resumes_and_is_idempotent(cli, tmp_path, ray_token_noti
     first = cli(*args, "--stop-after-epochs", "1")
     assert ray_token_notices == []  # the local Ray keeps token authentication without announcing it
     runs = _run_dirs(tmp_path)
-    assert len(runs) == 8, first.output
+    assert len(runs) == 4, first.output
     assert all((r / "checkpoint.pt").is_file() and not (r / "DONE").exists() for r in runs)
     first_epoch = {r.name: (r / "metrics.jsonl").read_text() for r in runs}
     assert all(len(text.splitlines()) == 1 for text in first_epoch.values())
     assert "Stopped by --stop-after-epochs" in first.output
     # 2) The same command completes what is missing, resuming each run from its checkpoint.
     second = cli(*args)
-    assert "8 partial" in second.output and "8/8 run(s) done" in second.output
+    assert "4 partial" in second.output and "4/4 run(s) done" in second.output
     for run in _run_dirs(tmp_path):
         lines = (run / "metrics.jsonl").read_text().splitlines()
         assert (run / "DONE").is_file() and len(lines) == 2
@@ -230,7 +230,7 @@ def test_sweep_completes_resumes_and_is_idempotent(cli, tmp_path, ray_token_noti
     # 3) A third call trains nothing and starts no Ray.
     stamps = {r.name: (r / "result.json").stat().st_mtime_ns for r in _run_dirs(tmp_path)}
     third = cli(*args)
-    assert "Nothing to train: all 8 run(s) are done" in third.output
+    assert "Nothing to train: all 4 run(s) are done" in third.output
     assert stamps == {r.name: (r / "result.json").stat().st_mtime_ns for r in _run_dirs(tmp_path)}
     table = cli("report", "--results", str(tmp_path), "--metric", "top1").output
     assert "over 2 seeds" in table and "| erm\\_cnn |" in table and "synthetic ρ=10 top-1" in table
