@@ -85,3 +85,35 @@ def test_short_runs_train_end_to_end(cli, tmp_path, method, epochs, extra):
     assert len(folders) == 1 and (folders[0] / "DONE").exists()
     assert config["hparams"]["epochs"] == epochs and config["hparams"]["drw_epoch"] == epochs - 1
     assert json.loads((folders[0] / "result.json").read_text())["final"]["epoch"] == epochs
+
+
+# Upstream stages (teachers, stage 1, MGP) keep their preset's length; these keep them small and short too.
+ONE_EPOCH_UPSTREAM = {
+    "deit": ["teacher_overrides=epochs=1,batch_size=16,workers=0"],
+    "deitlt": ["teacher_overrides=epochs=1,batch_size=16,workers=0"],
+    "crt": ["stage1_overrides=epochs=1,batch_size=16"], "lws": ["stage1_overrides=epochs=1,batch_size=16"],
+    "livt": ["pretrain_overrides=epochs=1,batch_size=16,decoder_dim=32,decoder_depth=1,decoder_heads=2"],
+}
+
+
+VIT_METHODS = {"erm_vit", "deit", "deitlt", "livt", "livt_mgp"}
+
+
+def test_every_method_trains_a_one_epoch_run(cli, tmp_path):
+    """`--epochs 1` on every built-in method that trains (tau_norm trains nothing); `--epochs 2` on every one is
+    the smoke suite's own length, run end to end by tests/test_reproduce.py."""
+    for method in BUILT_IN:
+        if METHODS.get(method).Hparams().epochs == 0:
+            continue
+        vit = [s for s in FAST_VIT if s != "workers=0"] if method in VIT_METHODS else []
+        cli("run", "--method", method, "--dataset", "synthetic", "--preset", "tiny", "--epochs", "1",
+            "--results", str(tmp_path), "--quiet",
+            *set_args(*SMALL_DATA, "data.n_max=16", "workers=0", "batch_size=16", *vit,
+                      *ONE_EPOCH_UPSTREAM.get(method, [])))
+    finished = {}
+    for folder in (tmp_path / "runs").iterdir():
+        config = json.loads((folder / "config.json").read_text())
+        assert (folder / "DONE").exists(), folder
+        finished.setdefault(config["method"], []).append(config["hparams"]["epochs"])
+    trained = {m for m in BUILT_IN if METHODS.get(m).Hparams().epochs}
+    assert set(finished) == trained and all(set(e) == {1} for e in finished.values()), finished

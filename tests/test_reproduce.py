@@ -260,7 +260,7 @@ def test_other_failures_are_not_retried(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# The smoke suite end to end (reduced data and one epoch; `ltbench reproduce smoke` itself runs 2 epochs)
+# The smoke suite end to end: its own 2 epochs on reduced data (16-image classes, a 1-epoch deitlt teacher)
 
 
 SMOKE_FAST = ["workers=0", "data.n_max=16", "data.n_test=4", "deitlt:teacher_overrides=epochs=1",
