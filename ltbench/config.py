@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -125,10 +124,8 @@ def rescale_epochs(hp: TrainHparams, epochs: int, keep: Iterable[str] = ()) -> T
     keeps its first epoch); a point past the old end (a phase switched off) stays past the new end. Fields named
     in ``keep`` (given explicitly) are not touched.
     """
-    ratio = epochs / hp.epochs
-
     def scale(point: int) -> int:
-        scaled = math.floor(point * ratio + 0.5)
+        scaled = (2 * point * epochs + hp.epochs) // (2 * hp.epochs)  # exact: a float ratio rounds some halves down
         if point >= hp.epochs:
             return max(scaled, epochs)
         return min(max(scaled, min(point, 1)), epochs - 1)

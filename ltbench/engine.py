@@ -241,9 +241,10 @@ class Trainer:
                                         self.hp.repeated_aug))
         if self.hp.repeated_aug > 1:
             n = (n // 256) * 256 if n >= 256 else n
+        full, rest = divmod(n, self.hp.batch_size)
         if getattr(self.hp, "drop_last", False):
-            return max(1, n // self.hp.batch_size)
-        return math.ceil(n / self.hp.batch_size)
+            return max(1, full)
+        return full + (rest >= self.dist.world)  # as MicroBatchSampler: a last batch smaller than the world is dropped
 
     # --- checkpoint ----------------------------------------------------------------------------
     def state(self, next_epoch: int) -> dict[str, Any]:

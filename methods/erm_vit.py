@@ -83,8 +83,9 @@ class ViTHparams(TrainHparams):
 
     def inert_fields(self) -> tuple[str, ...]:
         unused_augment = ("auto_augment", "re_prob", "crop_scale_min") if self.augment == "none" else ()
-        unused_mixing = ("mixup_prob", "mixup_switch_prob", "mixup_batch") if self.mixup <= 0 and self.cutmix <= 0 \
-            else ()
+        # label smoothing comes only with Mixup/CutMix: without them the released code trains plain cross-entropy
+        unused_mixing = ("mixup_prob", "mixup_switch_prob", "mixup_batch", "smoothing") \
+            if self.mixup <= 0 and self.cutmix <= 0 else ()
         return (*super().inert_fields(), *unused_augment, *unused_mixing)
 
 
@@ -167,8 +168,8 @@ class ERMViT(Method):
         released per-GPU batch); a piece of an odd number of images stays unmixed, as timm needs pairs.
         ``mixup_batch=0`` draws once per micro-batch.
         """
-        if not self.mixing_active():
-            return x, _smooth_one_hot(y, self.info.num_classes, self.hp.smoothing), y
+        if not self.mixing_active():  # released: plain CrossEntropyLoss when Mixup and CutMix are off
+            return x, F.one_hot(y, self.info.num_classes).float(), y
         position = self.batch_position
         key = position.key()  # hashed only while mixing: the engine's hot path does not pay for it
         mixed = [self._mix(x[start:end], y[start:end], seed_hash(key, chunk_index))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+from fractions import Fraction
 from importlib.metadata import entry_points
 
 import pytest
@@ -25,6 +28,17 @@ def test_points_scale_proportionally_rounded_half_up():
     assert rescale_epochs(TrainHparams(epochs=10, warmup_epochs=1), 5).warmup_epochs == 1  # 0.5 rounds up
     assert rescale_epochs(hp, 50, keep={"milestones"}).milestones == (161, 181)
 
+
+
+def test_exact_halves_round_up_as_documented():
+    """floor(p * N / E + 1/2) in exact arithmetic: a float ratio would give 896, 508 and 27 here."""
+    assert rescale_epochs(TrainHparams(epochs=1200, warmup_epochs=1100), 978).warmup_epochs == 897
+    assert rescale_epochs(TrainHparams(epochs=1000, warmup_epochs=900), 565).warmup_epochs == 509
+    assert rescale_epochs(TrainHparams(epochs=90, sam_rho_steps=(0.1, 0.2, 0.3), sam_rho_epochs=(5, 60, 75)),
+                          33).sam_rho_epochs == (2, 22, 28)
+    for old, new, point in itertools.product((90, 200, 1200), range(2, 400, 7), range(1, 90)):
+        got = rescale_epochs(TrainHparams(epochs=old, warmup_epochs=point), new).warmup_epochs
+        assert got == min(max(math.floor(Fraction(point * new, old) + Fraction(1, 2)), 1), new - 1)
 
 def test_phases_survive_short_runs_and_switched_off_phases_stay_off():
     hp = stages.make_config("deitlt", "cifar10lt", rho=100, preset="paper").hparams

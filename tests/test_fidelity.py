@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -58,6 +60,31 @@ def test_vit_trains_the_last_partial_batch():
     sampler = MicroBatchSampler(range(10752), hp["batch_size"], 128, drop_last=hp["drop_last"])
     assert hp["drop_last"] is False and [size for _, size in sampler.steps][-1] == 512 and len(sampler.steps) == 11
 
+
+
+@pytest.mark.parametrize(("n", "batch", "world", "drop_last"),
+                         [(10752, 1024, 1, False), (1025, 1024, 4, False), (1027, 1024, 4, False),
+                          (1030, 256, 8, False), (1030, 256, 8, True), (100, 256, 1, True)])
+def test_scheduled_steps_equal_the_steps_the_sampler_draws(n, batch, world, drop_last):
+    """The per-step lr schedule is built for exactly the updates an epoch makes, on any number of processes."""
+    fake = SimpleNamespace(data=SimpleNamespace(train=range(n)), hp=SimpleNamespace(
+        batch_size=batch, drop_last=drop_last, repeated_aug=1), dist=SimpleNamespace(world=world),
+        _sampler=lambda: "instance")
+    drawn = len(MicroBatchSampler(range(n), batch, batch // world, drop_last, world=world).steps)
+    assert engine.Trainer._steps_per_epoch(fake) == max(1, drawn)
+
+
+def test_without_mixing_the_cls_loss_is_plain_cross_entropy():
+    """Released main.py: SoftTargetCrossEntropy with Mixup (smoothing folded in), else nn.CrossEntropyLoss()."""
+    model, _ = _method("erm_vit", FAST_VIT)  # FAST_VIT turns Mixup and CutMix off
+    y = torch.tensor([0, 3, 9])
+    _, soft, hard = model.prepare(torch.randn(3, 3, 32, 32), y)  # the prepare of every ViT student
+    assert torch.equal(soft, F.one_hot(y, 10).float()) and torch.equal(hard, y)
+    for method in ("erm_vit", "deit", "deitlt"):  # smoothing is inert without mixing: one experiment, one run id
+        assert len({stages.make_config(method, "synthetic", preset="tiny", sets=[*FAST_VIT, f"smoothing={s}"]).run_id
+                    for s in (0.0, 0.1, 0.3)}) == 1
+    assert len({stages.make_config("erm_vit", "synthetic", preset="tiny", sets=[f"smoothing={s}"]).run_id
+                for s in (0.0, 0.1)}) == 2  # with Mixup it matters
 
 MIX_IN_CHUNKS_OF_4 = [*FAST_VIT, "mixup=0.8", "cutmix=1.0", "mixup_batch=4", "smoothing=0"]
 
