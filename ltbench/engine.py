@@ -241,10 +241,11 @@ class Trainer:
                                         self.hp.repeated_aug))
         if self.hp.repeated_aug > 1:
             n = (n // 256) * 256 if n >= 256 else n
-        full, rest = divmod(n, self.hp.batch_size)
-        if getattr(self.hp, "drop_last", False):
-            return max(1, full)
-        return full + (rest >= self.dist.world)  # as MicroBatchSampler: a last batch smaller than the world is dropped
+        # the batching rule itself (incomplete batches, a last one smaller than the world): the schedule has exactly
+        # the updates an epoch makes
+        batches = augment.MicroBatchSampler(range(n), self.hp.batch_size, self.hp.batch_size,
+                                            getattr(self.hp, "drop_last", False), world=self.dist.world)
+        return max(1, len(batches.steps))
 
     # --- checkpoint ----------------------------------------------------------------------------
     def state(self, next_epoch: int) -> dict[str, Any]:

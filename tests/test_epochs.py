@@ -29,7 +29,6 @@ def test_points_scale_proportionally_rounded_half_up():
     assert rescale_epochs(hp, 50, keep={"milestones"}).milestones == (161, 181)
 
 
-
 def test_exact_halves_round_up_as_documented():
     """floor(p * N / E + 1/2) in exact arithmetic: a float ratio would give 896, 508 and 27 here."""
     assert rescale_epochs(TrainHparams(epochs=1200, warmup_epochs=1100), 978).warmup_epochs == 897
@@ -39,6 +38,7 @@ def test_exact_halves_round_up_as_documented():
     for old, new, point in itertools.product((90, 200, 1200), range(2, 400, 7), range(1, 90)):
         got = rescale_epochs(TrainHparams(epochs=old, warmup_epochs=point), new).warmup_epochs
         assert got == min(max(math.floor(Fraction(point * new, old) + Fraction(1, 2)), 1), new - 1)
+
 
 def test_phases_survive_short_runs_and_switched_off_phases_stay_off():
     hp = stages.make_config("deitlt", "cifar10lt", rho=100, preset="paper").hparams
@@ -108,8 +108,6 @@ ONE_EPOCH_UPSTREAM = {
     "crt": ["stage1_overrides=epochs=1,batch_size=16"], "lws": ["stage1_overrides=epochs=1,batch_size=16"],
     "livt": ["pretrain_overrides=epochs=1,batch_size=16,decoder_dim=32,decoder_depth=1,decoder_heads=2"],
 }
-
-
 VIT_METHODS = {"erm_vit", "deit", "deitlt", "livt", "livt_mgp"}
 
 

@@ -61,7 +61,6 @@ def test_vit_trains_the_last_partial_batch():
     assert hp["drop_last"] is False and [size for _, size in sampler.steps][-1] == 512 and len(sampler.steps) == 11
 
 
-
 @pytest.mark.parametrize(("n", "batch", "world", "drop_last"),
                          [(10752, 1024, 1, False), (1025, 1024, 4, False), (1027, 1024, 4, False),
                           (1030, 256, 8, False), (1030, 256, 8, True), (100, 256, 1, True)])
@@ -85,6 +84,7 @@ def test_without_mixing_the_cls_loss_is_plain_cross_entropy():
                     for s in (0.0, 0.1, 0.3)}) == 1
     assert len({stages.make_config("erm_vit", "synthetic", preset="tiny", sets=[f"smoothing={s}"]).run_id
                 for s in (0.0, 0.1)}) == 2  # with Mixup it matters
+
 
 MIX_IN_CHUNKS_OF_4 = [*FAST_VIT, "mixup=0.8", "cutmix=1.0", "mixup_batch=4", "smoothing=0"]
 
