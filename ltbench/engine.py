@@ -235,15 +235,11 @@ class Trainer:
         return getattr(self.hp, "sampler", "instance")
 
     def _steps_per_epoch(self) -> int:
-        n = len(self.data.train)
-        if self._sampler() != "instance":  # a class-balanced epoch has its own length
-            n = len(augment.epoch_order(n, self.data.train.labels, torch.Generator(), self._sampler(),
-                                        self.hp.repeated_aug))
-        if self.hp.repeated_aug > 1:
-            n = (n // 256) * 256 if n >= 256 else n
-        # the batching rule itself (incomplete batches, a last one smaller than the world): the schedule has exactly
-        # the updates an epoch makes
-        batches = augment.MicroBatchSampler(range(n), self.hp.batch_size, self.hp.batch_size,
+        # the loaders' own rules (the epoch's length per sampler, then incomplete batches and a last one smaller than
+        # the world), so that the schedule has exactly the updates an epoch makes
+        order = augment.epoch_order(len(self.data.train), self.data.train.labels, torch.Generator(), self._sampler(),
+                                    self.hp.repeated_aug)
+        batches = augment.MicroBatchSampler(order, self.hp.batch_size, self.hp.batch_size,
                                             getattr(self.hp, "drop_last", False), world=self.dist.world)
         return max(1, len(batches.steps))
 

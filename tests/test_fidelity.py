@@ -61,12 +61,22 @@ def test_vit_trains_the_last_partial_batch():
     assert hp["drop_last"] is False and [size for _, size in sampler.steps][-1] == 512 and len(sampler.steps) == 11
 
 
+class _Labelled:
+    """A training split of ``n`` images, as far as the engine's step count looks at it."""
+
+    def __init__(self, n: int) -> None:
+        self.labels = np.zeros(n, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
 @pytest.mark.parametrize(("n", "batch", "world", "drop_last"),
                          [(10752, 1024, 1, False), (1025, 1024, 4, False), (1027, 1024, 4, False),
                           (1030, 256, 8, False), (1030, 256, 8, True), (100, 256, 1, True)])
 def test_scheduled_steps_equal_the_steps_the_sampler_draws(n, batch, world, drop_last):
     """The per-step lr schedule is built for exactly the updates an epoch makes, on any number of processes."""
-    fake = SimpleNamespace(data=SimpleNamespace(train=range(n)), hp=SimpleNamespace(
+    fake = SimpleNamespace(data=SimpleNamespace(train=_Labelled(n)), hp=SimpleNamespace(
         batch_size=batch, drop_last=drop_last, repeated_aug=1), dist=SimpleNamespace(world=world),
         _sampler=lambda: "instance")
     drawn = len(MicroBatchSampler(range(n), batch, batch // world, drop_last, world=world).steps)
