@@ -72,7 +72,10 @@ class _CIFARLT(Dataset):
     Options = CIFARLTOptions
     VERSION = 1
     num_classes: ClassVar[int]
-    train_images: ClassVar[int] = 50_000  # both originals: balanced, 5000 (CIFAR-10) or 500 (CIFAR-100) per class
+    # Both originals: balanced, 5000 (CIFAR-10) or 500 (CIFAR-100) per class. A copy of another size is refused:
+    # its runs would carry the real dataset's run id. Tests of the reader patch these for their small fakes.
+    train_images: ClassVar[int] = 50_000
+    test_images: ClassVar[int] = 10_000
     folder: ClassVar[str]
     train_files: ClassVar[tuple[str, ...]]
     test_files: ClassVar[tuple[str, ...]]
@@ -94,6 +97,13 @@ class _CIFARLT(Dataset):
         folder = self.locate()
         train_x, train_y = self._read(folder, self.train_files)
         test_x, test_y = self._read(folder, self.test_files)
+        if (len(train_y), len(test_y)) != (self.train_images, self.test_images):
+            raise UserError(
+                f"{self.name}: the batches in {folder} hold {len(train_y):,} training and {len(test_y):,} test "
+                f"images; the originals hold {self.train_images:,} and {self.test_images:,}. A partial or "
+                f"resized copy is not {self.name}, and its runs would be recorded under the real dataset's run id. "
+                f"Download it again (`ltbench data download {self.name}`), or point --data-root at an intact copy."
+            )
         n_max = len(train_y) / self.num_classes
         counts = exp_profile_counts(n_max, self.num_classes, self.options.rho)
         kept, ranks = ldam_subsample(train_y, counts, seed=self.options.subsample_seed)
@@ -113,7 +123,7 @@ class _CIFARLT(Dataset):
     @classmethod
     def train_counts(cls, options: CIFARLTOptions) -> list[int]:
         """Per-class training counts without reading the batches (the originals are balanced, 50,000 images)."""
-        return exp_profile_counts(50000 / cls.num_classes, cls.num_classes, options.rho)
+        return exp_profile_counts(cls.train_images / cls.num_classes, cls.num_classes, options.rho)
 
     def _originals_present(self) -> bool:
         return any((c / self.train_files[0]).is_file() for c in (self.data_root / self.folder, self.data_root))
@@ -165,10 +175,11 @@ class _CIFARLT(Dataset):
     def _class_names(self, folder: Path) -> tuple[str, ...]:
         path = folder / self.names_file
         try:
-            return tuple(str(name) for name in load_cifar_pickle(path)[self.names_key])
+            names = tuple(str(name) for name in load_cifar_pickle(path)[self.names_key])
+            return names if len(names) == self.num_classes else tuple(str(i) for i in range(self.num_classes))
         except RefusedGlobal as exc:  # a crafted file is an error, a missing or odd one only costs the names
             raise UserError(f"{self.name}: {path} is not a CIFAR meta file: {exc}.") from exc
-        except (OSError, KeyError, pickle.UnpicklingError, EOFError, TypeError):
+        except (OSError, KeyError, pickle.UnpicklingError, EOFError, TypeError, ValueError):
             return tuple(str(i) for i in range(self.num_classes))
 
     @classmethod

@@ -42,9 +42,9 @@ def runtime_options(func):
         click.option("--compile-mode", type=click.Choice(list(COMPILE_MODES)), default="default", show_default=True,
                      help="torch.compile mode (implies --compile); reduce-overhead and max-autotune replay each "
                           "training step's kernels as CUDA graphs (small models are launch-bound)."),
-        click.option("--micro-batch", type=int, default=0,
+        click.option("--micro-batch", type=click.IntRange(min=0), default=0,
                      help="Per-device forward batch; gradients accumulate to the preset's batch."),
-        click.option("--workers", type=int, default=None, help="Data-loader worker processes."),
+        click.option("--workers", type=click.IntRange(min=0), default=None, help="Data-loader worker processes."),
         click.option("--download", is_flag=True, help="Download the dataset first if it is missing (needs internet)."),
         click.option("--augment-on", type=click.Choice(["auto", "device", "cpu"]), default="auto", show_default=True,
                      help="Where per-image augmentation runs; auto = on the GPU for in-memory datasets."),
@@ -78,6 +78,8 @@ def make_runtime(data_root, results, device, compile_, micro_batch, workers, dow
     from ltbench.engine import Runtime
 
     check_device(device)
+    if data_root is not None and Path(data_root).is_file():
+        raise UserError(f"--data-root {data_root} is a file; give the folder that holds the datasets.")
     return Runtime(results=Path(results).resolve(), data_root=(data_root or default_data_root()).resolve(),
                    device=device, compile=compile_ or compile_mode != "default", compile_mode=compile_mode,
                    micro_batch=micro_batch, workers=workers, download=download, augment_on=augment_on,
@@ -156,7 +158,8 @@ def main(debug: bool) -> None:
 @click.option("--dataset", required=True, help="Dataset name (see `ltbench list datasets`).")
 @click.option("--rho", type=float, default=None, help="Imbalance ratio n_max/n_min (>= 1).")
 @click.option("--save-logits", is_flag=True, help="Also save the final test logits (test_logits.npz).")
-@click.option("--stop-after-epochs", type=int, default=None, help="Stop after N epochs, resumable (time-boxed jobs).")
+@click.option("--stop-after-epochs", type=click.IntRange(min=1), default=None,
+              help="Stop after N epochs, resumable (time-boxed jobs).")
 @LOG_OPTION
 @runtime_options
 def run(method, dataset, rho, seed, preset, epochs, sets, save_logits, stop_after_epochs, **rt) -> None:
@@ -185,8 +188,10 @@ main.add_command(run)
 @click.option("--method", required=True, help="Method name (see `ltbench list methods`).")
 @click.option("--dataset", required=True, help="Dataset name (see `ltbench list datasets`).")
 @click.option("--rho", type=float, default=None, help="Imbalance ratio n_max/n_min (>= 1).")
-@click.option("--steps", type=int, default=10, show_default=True, help="Timed optimizer steps in each timed region.")
-@click.option("--warmup", type=int, default=None, help="Untimed steps before each timed region (default: --steps).")
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Timed optimizer steps in each timed region.")
+@click.option("--warmup", type=click.IntRange(min=0), default=None,
+              help="Untimed steps before each timed region (default: --steps).")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as one JSON object.")
 @click.option("--pipeline", is_flag=True,
               help="Also bench every teacher stage the run needs and project the whole pipeline's wall time.")
@@ -244,16 +249,17 @@ def eval_(run_ref, heads, recompute, taus, **rt) -> None:
 @click.option("--rho", default=None, help="Comma-separated imbalance ratios (default: each dataset's own).")
 @click.option("--seeds", default=None, help="Comma-separated seeds or ranges, e.g. 0,1,2 or 0-4 (default 0).")
 @click.option("--save-logits", is_flag=True, help="Also save each run's final test logits.")
-@click.option("--stop-after-epochs", type=int, default=None, help="Stop every run after N epochs, resumable.")
-@click.option("--gpus-per-trial", type=float, default=None,
+@click.option("--stop-after-epochs", type=click.IntRange(min=1), default=None,
+              help="Stop every run after N epochs, resumable.")
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=None,
               help="GPUs per run (default: 1 when there are GPUs, else 0); a fraction shares a GPU with no memory "
                    "isolation.")
-@click.option("--cpus-per-trial", type=float, default=None,
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=None,
               help="CPUs per run (default: CPUs / GPUs with GPUs, the whole machine without).")
 @click.option("--address", default=None, help="Join this Ray cluster (e.g. auto or ray://host:10001) instead of "
                                               "starting a local Ray.")
-@click.option("--max-failures", type=int, default=1, show_default=True,
-              help="Retries of a failed run before it is reported as failed.")
+@click.option("--max-failures", type=click.IntRange(min=-1), default=1, show_default=True,
+              help="Retries of a failed run before it is reported as failed (-1: retry forever, as in Ray).")
 @click.option("--dry-run", is_flag=True, help="Print the grid and what is already done; train nothing.")
 @LOG_OPTION
 @runtime_options
@@ -308,11 +314,13 @@ main.add_command(sweep)
 @click.option("--epochs", type=int, default=None, help="Override every grid's epochs (a rehearsal, not the claim).")
 @click.option("--set", "sets", multiple=True, metavar="[METHOD:]KEY=VALUE",
               help="Add a --set to every grid (METHOD:KEY=VALUE: to that method's runs only).")
-@click.option("--gpus-per-trial", type=float, default=None,
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=None,
               help="GPUs per run (default: the suite's, else 1 with GPUs); a fraction shares a GPU.")
-@click.option("--cpus-per-trial", type=float, default=None, help="CPUs per run (default: as in `ltbench sweep`).")
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="CPUs per run (default: as in `ltbench sweep`).")
 @click.option("--address", default=None, help="Join this Ray cluster instead of starting a local Ray.")
-@click.option("--max-failures", type=int, default=None, help="Retries of a failed run (default: the suite's, else 1).")
+@click.option("--max-failures", type=click.IntRange(min=-1), default=None,
+              help="Retries of a failed run (default: the suite's, else 1).")
 @runtime_options
 def reproduce(suite, list_suites, dry_run, no_train, datasets, epochs, sets, gpus_per_trial, cpus_per_trial, address,
               max_failures, **rt) -> None:
@@ -460,7 +468,7 @@ def _print_verdicts(suite, verdicts) -> None:
               help="Add the published numbers (ltbench/reference/paper_numbers.csv) and the difference.")
 @click.option("--adjust", type=float, default=None, metavar="TAU",
               help="Also rows of post-hoc logit adjustment at TAU (from `ltbench eval RUN --adjust TAU`).")
-@click.option("--digits", type=int, default=2, show_default=True)
+@click.option("--digits", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--standalone", is_flag=True,
               help="LaTeX: a document that compiles on its own instead of a booktabs table to paste.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to FILE.")
@@ -656,7 +664,8 @@ def download(dataset, data_root) -> None:
 @data.command()
 @click.argument("dataset")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None)
-@click.option("--workers", type=int, default=None, help="Images decoded in parallel (default: CPU count).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Images decoded in parallel (default: CPU count).")
 @click.option("--expect-standard/--no-expect-standard", default=True, show_default=True,
               help="Compare line, class and per-class counts with the published lists (off for a subset).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")

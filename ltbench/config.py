@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -75,9 +76,20 @@ class TrainHparams:
 
     def validate(self) -> None:
         """Reject contradictory or out-of-range settings with a message that says which field."""
+        _check_finite(self)
         _check(self.epochs >= self.min_epochs, f"epochs must be >= {self.min_epochs}")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.lr > 0, "lr must be > 0")
+        _check(0 <= self.momentum < 1, "momentum must be in [0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        _check(0 < self.decay_rate <= 1, "decay_rate (the lr factor at each milestone) must be in (0, 1]")
+        _check(self.warmup_lr >= 0 and self.min_lr >= 0, "warmup_lr and min_lr must be >= 0")
+        _check(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1) (0 = no EMA)")
+        _check(self.lr_base_batch >= 0 and self.lr_scale_batch >= 0, "lr_base_batch and lr_scale_batch must be >= 0")
+        _check(self.workers >= 0, "workers must be >= 0")
+        _check(self.warmup_epochs >= 0 and min((*self.milestones, *self.sam_rho_epochs), default=0) >= 0,
+               "warmup_epochs, milestones and sam_rho_epochs must be >= 0")
+        _check(min(self.sam_rho_steps, default=0) >= 0, "sam_rho_steps must be >= 0")
         _check(self.optimizer in {"sgd", "adamw"}, f"optimizer must be sgd or adamw, not {self.optimizer!r}")
         _check(self.sched in {"multistep", "cosine"}, f"sched must be multistep or cosine, not {self.sched!r}")
         _check(self.sam_rho >= 0, "sam_rho must be >= 0")
@@ -145,6 +157,16 @@ def rescale_epochs(hp: TrainHparams, epochs: int, keep: Iterable[str] = ()) -> T
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(f"Invalid hyperparameter: {message}.")
+
+
+def _check_finite(hp: Any) -> None:
+    """Every float setting of every method is a finite number: inf and nan pass any range check written as
+    ``x > 0`` or ``x < 0``, and a run trained with them diverges."""
+    for f in dataclasses.fields(hp):
+        value = getattr(hp, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        _check(not bad, f"{f.name} must be a finite number, not {bad[0] if bad else ''}")
 
 
 # ----------------------------------------------------------------------------------------------

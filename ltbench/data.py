@@ -104,6 +104,9 @@ class Dataset:
 
     @classmethod
     def validate_options(cls, options: Any) -> None:
+        for name, value in vars(options).items():  # numpy's RandomState takes seeds in [0, 2**32)
+            if name.endswith("seed") and isinstance(value, int) and not 0 <= value < 2**32:
+                raise UserError(f"The dataset option {name} must be in [0, 2**32), got {value}.")
         rho = getattr(options, "rho", None)
         if rho is None:
             return

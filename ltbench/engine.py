@@ -56,6 +56,13 @@ class Runtime:
     log: tuple[str, ...] = ()  # experiment trackers, names from ltbench.tracking.BACKENDS
     echo: Any = field(default=print, repr=False)
 
+    def __post_init__(self) -> None:
+        """Refuse impossible values here, before a run folder exists (a sweep's grid can set them too)."""
+        for name, value, least in (("micro_batch", self.micro_batch, 0), ("workers", self.workers, 0),
+                                   ("stop_after_epochs", self.stop_after_epochs, 1), ("threads", self.threads, 1)):
+            if value is not None and value < least:
+                raise UserError(f"{name} must be >= {least}, got {value}.")
+
     def cpu_threads(self) -> int:
         """``threads``, else torch's default (all cores) capped by the CPUs this process may run on (its CPU
         affinity: a taskset, SLURM or container allocation), so concurrent runs do not oversubscribe."""
@@ -291,6 +298,7 @@ class Trainer:
                 if self.runtime.stop_after_epochs is not None and epochs_this_call >= self.runtime.stop_after_epochs:
                     return {}
                 row = self.train_epoch(epoch)
+                self._refuse_divergence(row)
                 last = epoch + 1 == self.hp.epochs
                 if self.evaluates_after(epoch):
                     metrics = self.evaluate(eval_loader, epoch, keep_logits=last and self.runtime.save_logits)
@@ -335,6 +343,21 @@ class Trainer:
             "epoch_time_s": elapsed,
             "images_per_s": images / max(elapsed, 1e-9),
         }
+
+    def _refuse_divergence(self, row: dict[str, Any]) -> None:
+        """Stop, before this epoch's checkpoint, when its mean training loss is not finite (as the released DeiT
+        code stops at the first non-finite loss): the weights are then nan or inf, and a run evaluated and marked
+        finished with them would be a silently wrong result under the run id of a healthy one."""
+        loss = row["train"].get("loss", math.nan)
+        diverged = not math.isfinite(loss)
+        if self.dist.enabled:  # every process stops, or none does
+            diverged = any(distributed.gather(diverged))
+        if diverged:
+            raise UserError(
+                f"Training diverged: the mean training loss of epoch {row['epoch']} is {loss} (lr "
+                f"{row['lr']:.3g}). The run {self.record.run_id} is not finished and keeps the checkpoint of the "
+                f"epoch before; the same settings would diverge again, so change them (e.g. a lower lr, "
+                f"precision=fp32) rather than resume.")
 
     def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], epoch: int,
              global_size: int | None = None, index: int = 0) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ number is a separate, labelled result (``ltbench eval RUN --adjust TAU``, ``ltbe
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,7 +49,7 @@ def posthoc_adjust(record: RunRecord, runtime, taus: Sequence[float]) -> dict[st
     if not record.done:
         raise UserError(f"Run {record.run_id} is not finished (no DONE marker): post-hoc adjustment uses the final "
                         f"epoch's logits. Finish it first (run the same `ltbench run` command).")
-    if any(tau < 0 for tau in taus):
+    if not all(math.isfinite(tau) and tau >= 0 for tau in taus):
         raise UserError(f"--adjust takes tau >= 0 (1 is the paper's choice), got {', '.join(map(str, taus))}.")
     result = record.result()
     logits, labels, source = final_logits(record, runtime)

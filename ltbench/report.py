@@ -70,7 +70,8 @@ class ReportOptions:
             _choice("--metric", metric, METRICS)
         if self.compare is not None:
             _choice("--compare", self.compare, ("paper",))
-        if self.adjust is not None and (self.select != "final" or self.adjust < 0):
+        valid_tau = self.adjust is None or (math.isfinite(self.adjust) and self.adjust >= 0)
+        if self.adjust is not None and (self.select != "final" or not valid_tau):
             raise UserError("--adjust TAU needs tau >= 0 and --select final: post-hoc adjustment is computed on each "
                             "run's final-epoch logits.")
 
@@ -99,6 +100,8 @@ class RunSet:
 def load_runs(results: Path, options: ReportOptions = ReportOptions()) -> RunSet:
     """Read every run folder under ``results/runs``; finished ones become rows, the others are counted."""
     base = Path(results) / "runs"
+    if Path(results).is_file():
+        raise UserError(f"--results {results} is a file; give the results folder that `ltbench run` wrote into.")
     if not base.is_dir():
         raise UserError(f"No run folders under {base}. Point --results at the folder given to `ltbench run`.")
     rows: list[dict[str, Any]] = []
@@ -180,8 +183,16 @@ def _why_excluded(folder: Path, select: str) -> str | None:
         return f"unfinished ({len([x for x in lines if x.strip()])} epoch(s) logged)"
     if not (folder / "result.json").is_file():
         return "DONE but no result.json"
-    if select == "best" and _read_json(folder / "result.json").get("best") is None:
-        return "no evaluated epoch to select as best"
+    try:
+        result = json.loads((folder / "result.json").read_text())
+        if select == "best" and result.get("best") is None:
+            return "no evaluated epoch to select as best"
+        heads = result[select]["heads"]
+        if not heads or not all(isinstance(m["top1"], (int, float)) for m in heads.values()):
+            raise ValueError("no head with a top-1")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return (f"result.json of run {folder.name} is damaged ({type(exc).__name__}: {exc}); delete it and DONE, "
+                f"then run the same `ltbench run` command, which re-evaluates the final checkpoint")
     return None
 
 

@@ -34,7 +34,10 @@ def make_config(method: str, dataset: str, *, rho: float | None = None, seed: in
     _reject_runtime_sets(method_cls, set_hparams)
     defaults = {k: v for k, v in method_cls.data_defaults.get(dataset, {}).items()
                 if k in cfgmod.field_types(dataset_cls.Options)}
-    options = _dataset_options(dataset_cls, rho, {**defaults, **(data_options or {}), **set_data})
+    given = {**(data_options or {}), **set_data}
+    if rho is not None and "rho" in given and cfgmod.coerce(given["rho"], float, "data.rho") != rho:
+        raise UserError(f"--rho {rho:g} and data.rho={given['rho']} disagree: give the imbalance ratio once.")
+    options = _dataset_options(dataset_cls, rho, {**defaults, **given})
     preset = preset or method_cls.default_preset
     if preset not in method_cls.presets:
         presets = ", ".join(sorted(method_cls.presets))

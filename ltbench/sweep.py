@@ -76,9 +76,12 @@ def parse_seeds(text: str | Sequence[Any] | int | None) -> list[int]:
     for item in parse_list(text, "seeds"):
         first, dash, last = item.partition("-")
         try:
-            seeds += list(range(int(first), int(last) + 1)) if dash and first else [int(item)]
+            span = (int(first), int(last)) if dash and first else (int(item), int(item))
         except ValueError as exc:
             raise UserError(f"Seeds must be integers or ranges like 0-4, got {item!r}.") from exc
+        if span[0] > span[1]:
+            raise UserError(f"The seed range {item!r} is empty: write it low-high, e.g. {last}-{first}.")
+        seeds += list(range(span[0], span[1] + 1))
     return list(dict.fromkeys(seeds))
 
 

@@ -94,6 +94,13 @@ def test_real_cifar10_lt(cifar_root):
     assert indices_sha256(data.train_indices) == hashlib.sha256(data.train_indices.astype("<i8").tobytes()).hexdigest()
 
 
+@pytest.fixture
+def small_cifar100(monkeypatch):
+    """The reader accepts only copies of the originals' size: let it take _fake_cifar100's as the standard."""
+    monkeypatch.setattr(CIFAR100LT, "train_images", 100 * 8)
+    monkeypatch.setattr(CIFAR100LT, "test_images", 100 * 2)
+
+
 def _fake_cifar100(root: Path, per_class: int = 8) -> Path:
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
@@ -106,7 +113,7 @@ def _fake_cifar100(root: Path, per_class: int = 8) -> Path:
     return folder
 
 
-def test_cifar100_reader_on_fake_batches(tmp_path):
+def test_cifar100_reader_on_fake_batches(tmp_path, small_cifar100):
     _fake_cifar100(tmp_path)
     data = CIFAR100LT(CIFARLTOptions(rho=4), tmp_path).load()
     assert data.info.train_counts[0] == 8 and data.info.train_counts[-1] == 2
@@ -124,6 +131,12 @@ def test_missing_and_corrupt_data_are_user_errors(tmp_path):
         CIFAR100LT(CIFARLTOptions(), tmp_path).load()
 
 
+def test_a_copy_of_another_size_is_refused(tmp_path):
+    _fake_cifar100(tmp_path)  # balanced and readable, but 800 + 200 images instead of 50,000 + 10,000
+    with pytest.raises(UserError, match="800 training and 200 test images; the originals hold 50,000 and 10,000"):
+        CIFAR100LT(CIFARLTOptions(rho=4), tmp_path).load()
+
+
 def _fake_archive(tmp_path: Path) -> tuple[Path, str]:
     src = tmp_path / "src"
     _fake_cifar100(src)
@@ -135,7 +148,7 @@ def _fake_archive(tmp_path: Path) -> tuple[Path, str]:
     return archive, hashlib.md5(buffer.getvalue()).hexdigest()
 
 
-def test_download_from_a_local_fake_server(tmp_path):
+def test_download_from_a_local_fake_server(tmp_path, small_cifar100):
     archive, md5 = _fake_archive(tmp_path)
     root = tmp_path / "data"
     folder = CIFAR100LT.download(root, url=archive.as_uri(), md5=md5)
@@ -152,7 +165,7 @@ def test_download_rejects_a_bad_checksum(tmp_path):
     assert not (root / "cifar-100-python").exists()
 
 
-def test_portable_subset_round_trip(tmp_path, cli):
+def test_portable_subset_round_trip(tmp_path, cli, small_cifar100):
     _fake_cifar100(tmp_path / "orig")
     cli("data", "export", "cifar100lt", "--rho", "4", "--data-root", str(tmp_path / "orig"), "--out",
         str(tmp_path / "ship"))

@@ -275,7 +275,9 @@ class _Payload:
 
 
 @pytest.mark.parametrize("file", ["data_batch_1", "batches.meta"])
-def test_a_crafted_cifar_pickle_is_refused_and_runs_nothing(tmp_path, file):
+def test_a_crafted_cifar_pickle_is_refused_and_runs_nothing(tmp_path, file, monkeypatch):
+    monkeypatch.setattr(CIFAR10LT, "train_images", 100)  # the fake's size is the standard here
+    monkeypatch.setattr(CIFAR10LT, "test_images", 20)
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.RandomState(0)
@@ -379,3 +381,89 @@ def test_markdown_and_latex_escape_config_values(tmp_path):
     assert r"\`c\`" in markdown and r"[l]\(u)" in markdown
     latex = invoke("report", "--results", str(tmp_path), "--format", "latex").output
     assert (r"\$x\_1\$ \& 50\% \#1 \{a\} \textasciitilde{}\textasciicircum{}\textbackslash{}" in latex)
+
+
+# ---------------------------------------------------------------------------------------------- 20
+@pytest.mark.parametrize("setting,message", [
+    ("lr=inf", "lr must be a finite number, not inf"),
+    ("warmup_lr=nan", "warmup_lr must be a finite number, not nan"),
+    ("weight_decay=-5", "weight_decay must be >= 0"),
+    ("momentum=7", "momentum must be in [0, 1)"),
+    ("ema_decay=1", "ema_decay must be in [0, 1)"),
+    ("decay_rate=0", "decay_rate (the lr factor at each milestone) must be in (0, 1]"),
+    ("milestones=-3", "milestones and sam_rho_epochs must be >= 0"),
+    ("data.data_seed=-1", "data_seed must be in [0, 2**32)"),
+])
+def test_impossible_hyperparameters_are_refused_before_a_run_folder_exists(tmp_path, setting, message):
+    out = text_of(invoke("run", *TINY, "--set", setting, "--results", str(tmp_path), expect=2))
+    assert message in out and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("option", [["--micro-batch", "-1"], ["--workers", "-1"], ["--stop-after-epochs", "0"]])
+def test_impossible_runtime_options_are_refused_before_a_run_folder_exists(tmp_path, option):
+    out = text_of(invoke("run", *TINY, *option, "--results", str(tmp_path), expect=2))
+    assert option[0] in out and not (tmp_path / "runs").exists()
+
+
+def test_runtime_values_from_a_grid_are_checked_like_the_options(tmp_path):
+    from ltbench.engine import Runtime
+
+    with pytest.raises(UserError, match="micro_batch must be >= 0, got -1"):
+        Runtime(results=tmp_path, data_root=tmp_path, micro_batch=-1)
+
+
+def test_rho_given_twice_must_agree():
+    with pytest.raises(UserError, match="--rho 50 and data.rho=20 disagree"):
+        stages.make_config("erm_cnn", "synthetic", rho=50, sets=["data.rho=20"])
+    assert stages.make_config("erm_cnn", "synthetic", rho=50, sets=["data.rho=5e1"]).data["rho"] == 50
+
+
+def test_a_diverged_run_stops_unfinished_and_says_why(tmp_path, monkeypatch):
+    from ltbench import engine
+
+    def nan_loss(method, batch):
+        loss, parts = compute_loss(method, batch)
+        return loss * float("nan"), parts
+
+    compute_loss = engine.compute_loss
+    monkeypatch.setattr(engine, "compute_loss", nan_loss)
+    out = text_of(invoke("run", *TINY, "--results", str(tmp_path), expect=2))
+    assert "Training diverged: the mean training loss of epoch 1 is nan" in out
+    (run,) = (tmp_path / "runs").iterdir()
+    assert not (run / "DONE").exists() and not (run / "result.json").exists()
+    assert not (run / records.CHECKPOINT).exists()  # no checkpoint of the diverged epoch
+    assert "unfinished" in text_of(invoke("report", "--results", str(tmp_path), expect=2))
+
+
+@pytest.mark.parametrize("damage", ["{}", '{"final": {"heads": {"main": {"top1": null}}}}', '{"final": {"he'])
+def test_a_damaged_result_json_is_left_out_of_the_report_with_its_reason(tmp_path, damage):
+    shutil.copytree(GOLDEN / "runs", tmp_path / "runs")
+    damaged = sorted((tmp_path / "runs").iterdir())[0]
+    (damaged / "result.json").write_text(damage)
+    out = text_of(invoke("report", "--results", str(tmp_path), "--format", "markdown"))
+    assert f"result.json of run {damaged.name} is damaged" in out
+
+
+def test_a_damaged_cifar_meta_file_costs_only_the_class_names(tmp_path, monkeypatch):
+    monkeypatch.setattr(CIFAR10LT, "train_images", 100)
+    monkeypatch.setattr(CIFAR10LT, "test_images", 20)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"labels": np.tile(np.arange(10), 2).tolist(), "data": np.zeros((20, 3072), np.uint8)}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    (folder / "batches.meta").write_bytes(b"Iabc\n.")  # a pickle of int("abc"): ValueError when read
+    assert CIFAR10LT(CIFARLTOptions(rho=2), tmp_path).load().info.class_names == tuple(map(str, range(10)))
+
+
+def test_paths_of_the_wrong_kind_and_empty_seed_ranges_are_named(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert "--results" in text_of(invoke("report", "--results", str(a_file), expect=2))
+    assert "--data-root" in text_of(invoke("run", *TINY, "--data-root", str(a_file), "--results", str(tmp_path),
+                                           expect=2))
+    from ltbench.sweep import parse_seeds
+
+    with pytest.raises(UserError, match="The seed range '3-1' is empty: write it low-high, e.g. 1-3"):
+        parse_seeds("3-1")
+    assert parse_seeds("0-2,5") == [0, 1, 2, 5]
