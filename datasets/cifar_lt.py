@@ -176,11 +176,11 @@ class _CIFARLT(Dataset):
         path = folder / self.names_file
         try:
             names = tuple(str(name) for name in load_cifar_pickle(path)[self.names_key])
-            return names if len(names) == self.num_classes else tuple(str(i) for i in range(self.num_classes))
         except RefusedGlobal as exc:  # a crafted file is an error, a missing or odd one only costs the names
             raise UserError(f"{self.name}: {path} is not a CIFAR meta file: {exc}.") from exc
         except (OSError, KeyError, pickle.UnpicklingError, EOFError, TypeError, ValueError):
-            return tuple(str(i) for i in range(self.num_classes))
+            names = ()
+        return names if len(names) == self.num_classes else tuple(str(i) for i in range(self.num_classes))
 
     @classmethod
     def download(cls, data_root: Path, url: str | None = None, md5: str | None = None) -> Path:

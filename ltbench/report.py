@@ -114,11 +114,11 @@ def load_runs(results: Path, options: ReportOptions = ReportOptions()) -> RunSet
         config = _read_json(folder / "config.json") if problem is None else _untrusted_config(folder)
         if not _wanted(config, options):
             continue
-        why = f"run {folder.name} left out: {problem}" if problem else _why_excluded(folder, options.select)
+        result, why = (None, f"run {folder.name} left out: {problem}") if problem else \
+            _finished_result(folder, options.select)
         if why:
             incomplete.append({"run_id": folder.name, **_coordinates(config), "reason": why})
             continue
-        result = _read_json(folder / "result.json")
         flat[folder.name] = flatten_config(config, result)
         rows += _head_rows(folder.name, config, result, options)
         per_class[folder.name] = {"class_counts": result.get("class_counts"), "heads": {
@@ -177,23 +177,24 @@ def _wanted(config: Mapping[str, Any], options: ReportOptions) -> bool:
             and (not options.datasets or config["dataset"] in options.datasets))
 
 
-def _why_excluded(folder: Path, select: str) -> str | None:
+def _finished_result(folder: Path, select: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(the run's result, None), or (None, why the report leaves the run out)."""
     if not (folder / "DONE").is_file():
         lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
-        return f"unfinished ({len([x for x in lines if x.strip()])} epoch(s) logged)"
+        return None, f"unfinished ({len([x for x in lines if x.strip()])} epoch(s) logged)"
     if not (folder / "result.json").is_file():
-        return "DONE but no result.json"
+        return None, "DONE but no result.json"
     try:
         result = json.loads((folder / "result.json").read_text())
         if select == "best" and result.get("best") is None:
-            return "no evaluated epoch to select as best"
+            return None, "no evaluated epoch to select as best"
         heads = result[select]["heads"]
         if not heads or not all(isinstance(m["top1"], (int, float)) for m in heads.values()):
             raise ValueError("no head with a top-1")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        return (f"result.json of run {folder.name} is damaged ({type(exc).__name__}: {exc}); delete it and DONE, "
-                f"then run the same `ltbench run` command, which re-evaluates the final checkpoint")
-    return None
+        return None, (f"result.json of run {folder.name} is damaged ({type(exc).__name__}: {exc}); delete it and "
+                      f"DONE, then run the same `ltbench run` command, which re-evaluates the final checkpoint")
+    return result, None
 
 
 def _coordinates(config: Mapping[str, Any]) -> dict[str, Any]:
