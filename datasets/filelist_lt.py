@@ -208,7 +208,7 @@ class FileListLT(Dataset):
         self.prepare_lists(folder)
         train = read_list(self.list_path(folder, "train"))
         test = read_list(self.list_path(folder, opt.eval_split))
-        counts = self.train_counts(train)
+        counts = self.list_counts(train)
         self.check_labels(test, len(counts), f"the classes of the train list {train.path}")
         names = class_names_from_paths(train.paths, train.labels, len(counts))
         extras: dict[str, Any] = {"lists": {"train": str(train.path), opt.eval_split: str(test.path)},
@@ -243,7 +243,7 @@ class FileListLT(Dataset):
                             f"`ltbench data verify {cls.name}` lists every problem.")
 
     @classmethod
-    def train_counts(cls, train: ListFile) -> np.ndarray:
+    def list_counts(cls, train: ListFile) -> np.ndarray:
         """Images per class; labels must lie in the published range and every class up to the largest must occur
         (a subset of the first classes is allowed, which is what tests and quick experiments use)."""
         if len(train.labels) == 0:

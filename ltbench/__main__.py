@@ -1,3 +1,5 @@
+"""``python -m ltbench``: the command line."""
+
 from ltbench.cli import main
 
 main()

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
 
+from ltbench import config, distributed
 from ltbench.data import DatasetInfo, FileListSplit, InMemorySplit, Split
 from ltbench.errors import UserError
 
@@ -137,7 +138,7 @@ class MicroBatchSampler(Sampler[list[int]]):
         return [micro for micro, _ in self.steps]
 
     def _shard(self, size: int) -> range:
-        return shard(size, self.rank, self.world)
+        return distributed.shard(size, self.rank, self.world)
 
     def __len__(self) -> int:
         return sum(self.group_sizes)
@@ -151,7 +152,7 @@ class MicroBatchSampler(Sampler[list[int]]):
                 yield mine[offset : offset + self.micro]
 
 
-SAMPLERS = ("instance", "class_balanced")
+SAMPLERS = config.SAMPLERS
 
 
 class ClassBalancedSampler(Sampler[int]):
@@ -210,13 +211,6 @@ def epoch_order(n: int, labels: Sequence[int], generator: torch.Generator, sampl
     if repeated_aug > 1:
         return RepeatSampler(n, repeated_aug, generator)
     return torch.utils.data.RandomSampler(range(n), generator=generator)
-
-
-def shard(size: int, rank: int, world: int) -> range:
-    """Positions of a global batch of ``size`` that process ``rank`` of ``world`` trains (contiguous, even split)."""
-    per, extra = divmod(size, world)
-    start = rank * per + min(rank, extra)
-    return range(start, start + per + (1 if rank < extra else 0))
 
 
 def train_loader(split: Split, transform: Callable, global_batch: int, micro_batch: int, *, seed: int, workers: int,

@@ -26,11 +26,13 @@ import torch
 
 from ltbench import stages
 from ltbench.config import RunConfig
-from ltbench.engine import Runtime, Trainer, _group, _to
+from ltbench.engine import Trainer, group_steps, to_device
 from ltbench.errors import UserError
 from ltbench.method import Upstream
 from ltbench.records import RunRecord, atomic_torch_save, atomic_write_json, find_run, run_record
-from ltbench.registry import EVALUATORS, METHODS
+from ltbench.registry import METHODS
+from ltbench.resolve import hparams_of
+from ltbench.runtime import Runtime
 
 
 def bench(config: RunConfig, runtime: Runtime, *, steps: int = 10, warmup: int | None = None) -> dict[str, Any]:
@@ -38,7 +40,7 @@ def bench(config: RunConfig, runtime: Runtime, *, steps: int = 10, warmup: int |
     if steps < 1:
         raise UserError("--steps must be at least 1.")
     warmup = steps if warmup is None else warmup
-    hp = stages.hparams_of(config)
+    hp = hparams_of(config)
     if hp.epochs == 0:
         raise UserError(f"{config.method} trains nothing (epochs=0): there is no training step to time; its run only "
                         f"evaluates (`ltbench run` takes about one evaluation of the test split).")
@@ -46,8 +48,7 @@ def bench(config: RunConfig, runtime: Runtime, *, steps: int = 10, warmup: int |
     with tempfile.TemporaryDirectory(prefix="ltbench-bench-") as scratch:
         upstream, stand_ins = _upstream(config, runtime, data.info, Path(scratch))
         record = run_record(Path(scratch) / "student", config)  # never written: the bench keeps no run
-        trainer = Trainer(config, hp, METHODS.get(config.method), data, EVALUATORS.get("longtail")(), record,
-                          runtime, upstream)
+        trainer = stages.build_trainer(config, runtime, upstream, data=data, record=record, hp=hp)
         trainer.method.on_epoch_start(0)
         trainer.method.trainable().train()
         device = trainer.device
@@ -58,7 +59,7 @@ def bench(config: RunConfig, runtime: Runtime, *, steps: int = 10, warmup: int |
             end_to_end, last_batch = _time_end_to_end(trainer, stream, warmup, steps)
         finally:
             stream.close()
-        fixed = [(_to(x, device), _to(y, device)) for x, y in last_batch[0]]
+        fixed = [(to_device(x, device), to_device(y, device)) for x, y in last_batch[0]]
         flops = _count_flops(trainer, fixed, last_batch[1])
         model_only = _time_model_only(trainer, fixed, last_batch[1], warmup, steps)
         evaluation = _time_evaluation(trainer, batches=max(2, steps))
@@ -97,7 +98,7 @@ def _steps(trainer: Trainer) -> Iterator[tuple[list, int]]:
     for epoch in itertools.count():
         batches = trainer._train_batches(epoch)
         sampler = batches.batch_sampler
-        for micro_batches, (_, size) in zip(_group(batches, sampler.group_sizes), sampler.steps):
+        for micro_batches, (_, size) in zip(group_steps(batches, sampler.group_sizes), sampler.steps):
             yield micro_batches, size
 
 
@@ -125,7 +126,7 @@ def _stand_in(config: RunConfig, info, scratch: Path) -> RunRecord:
                         f"Train it first (ltbench run) and point --results at its folder.")
     record = run_record(scratch / "upstream", config)
     record.path.mkdir(parents=True, exist_ok=True)
-    method = method_cls(stages.hparams_of(config), info, torch.device("cpu"), {})
+    method = method_cls(hparams_of(config), info, torch.device("cpu"), {})
     atomic_write_json(record.path / "config.json", config.to_dict())
     modules = {name: module.state_dict() for name, module in method.state_modules().items()}
     atomic_torch_save(record.checkpoint_path, {"modules": modules})

@@ -21,18 +21,23 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ltbench.errors import UserError
+from ltbench.runtime import RUNTIME_OPTIONS
 
 SCHEMA_VERSION = 1
 
-# How a run is executed, never what it computes: these names are kept out of the run id however they are given
-# (a CLI option, --set, a sweep grid, teacher_overrides), so changing them reuses or resumes the same run.
-# The one list to extend when a runtime option is added; a hyperparameter field of one of these names (workers:
-# the preset's loader processes) is recorded in config.json but not hashed.
-RUNTIME_OPTIONS = frozenset({"workers", "threads", "device", "compile", "compile_mode", "micro_batch", "augment_on",
-                             "log"})
+def engine_hook(default: Any) -> Any:
+    """A :class:`TrainHparams` field that enters config.json only when it differs from its default."""
+    return field(default=default, metadata={"recorded_if_set": True})
 
-# torch.compile modes -> whether the mode replays compiled graphs as CUDA graphs (cudagraph trees)
-COMPILE_MODES = {"default": False, "max-autotune-no-cudagraphs": False, "reduce-overhead": True, "max-autotune": True}
+
+def hparams_dict(hp: Any) -> dict[str, Any]:
+    """The JSON form of typed hyperparameters as config.json records and the run id hashes them: every field,
+    except engine hooks (:func:`engine_hook`) left at their defaults."""
+    payload = to_jsonable(hp)
+    for f in dataclasses.fields(hp):
+        if f.metadata.get("recorded_if_set") and getattr(hp, f.name) == f.default:
+            del payload[f.name]
+    return payload
 
 
 @dataclass
@@ -67,42 +72,57 @@ class TrainHparams:
     ema_decay: float = 0.0  # >0: keep an EMA of the model weights (saved; evaluated only with eval_ema)
     eval_ema: bool = False
     # Evaluate on the test split every N epochs and always at the last; 0 = the smallest interval at which
-    # evaluation costs at most 5 % of the training compute (engine.eval_interval).
+    # evaluation costs at most 5 % of the training compute (eval_interval).
     eval_every: int = 0
     repeated_aug: int = 1  # DeiT's repeated augmentation: each image N times per epoch, epoch length kept
     workers: int = 2
     # Autocast dtype on a GPU (the CPU always trains in fp32): bf16 | fp16 (autocast + GradScaler) | fp32
     precision: str = "bf16"
+    # Engine hooks (declared here so that every method takes them with --set). They were added after schema 1,
+    # so in config.json and the run id they appear only when set away from their defaults (engine_hook()); a
+    # method that declared one of them itself before keeps its own declaration, always recorded.
+    nesterov: bool = engine_hook(False)  # Nesterov momentum for optimizer=sgd (the CNN recipes: classical momentum)
+    opt_betas: tuple[float, ...] = engine_hook(())  # AdamW betas; () = timm's (0.9, 0.999)
+    layer_decay: float = engine_hook(0.0)  # >0: timm's layer-wise lr decay for ViTs
+    warmup_prefix: bool = engine_hook(False)  # the schedule after the warm-up spans the remaining epochs (PaCo)
+    drop_last: bool = engine_hook(False)  # drop the last incomplete batch of each epoch
+    sampler: str = engine_hook("instance")  # instance | class_balanced (augment.SAMPLERS)
 
     def validate(self) -> None:
         """Reject contradictory or out-of-range settings with a message that says which field."""
-        _check_finite(self)
-        _check(self.epochs >= self.min_epochs, f"epochs must be >= {self.min_epochs}")
-        _check(self.batch_size >= 1, "batch_size must be >= 1")
-        _check(self.lr > 0, "lr must be > 0")
-        _check(0 <= self.momentum < 1, "momentum must be in [0, 1)")
-        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
-        _check(0 < self.decay_rate <= 1, "decay_rate (the lr factor at each milestone) must be in (0, 1]")
-        _check(self.warmup_lr >= 0 and self.min_lr >= 0, "warmup_lr and min_lr must be >= 0")
-        _check(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1) (0 = no EMA)")
-        _check(self.lr_base_batch >= 0 and self.lr_scale_batch >= 0, "lr_base_batch and lr_scale_batch must be >= 0")
-        _check(self.workers >= 0, "workers must be >= 0")
-        _check(self.warmup_epochs >= 0 and min((*self.milestones, *self.sam_rho_epochs), default=0) >= 0,
+        check_finite(self)
+        check(self.epochs >= self.min_epochs, f"epochs must be >= {self.min_epochs}")
+        check(self.batch_size >= 1, "batch_size must be >= 1")
+        check(self.lr > 0, "lr must be > 0")
+        check(0 <= self.momentum < 1, "momentum must be in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        check(0 < self.decay_rate <= 1, "decay_rate (the lr factor at each milestone) must be in (0, 1]")
+        check(self.warmup_lr >= 0 and self.min_lr >= 0, "warmup_lr and min_lr must be >= 0")
+        check(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1) (0 = no EMA)")
+        check(self.lr_base_batch >= 0 and self.lr_scale_batch >= 0, "lr_base_batch and lr_scale_batch must be >= 0")
+        check(self.workers >= 0, "workers must be >= 0")
+        check(self.warmup_epochs >= 0 and min((*self.milestones, *self.sam_rho_epochs), default=0) >= 0,
                "warmup_epochs, milestones and sam_rho_epochs must be >= 0")
-        _check(min(self.sam_rho_steps, default=0) >= 0, "sam_rho_steps must be >= 0")
-        _check(self.optimizer in {"sgd", "adamw"}, f"optimizer must be sgd or adamw, not {self.optimizer!r}")
-        _check(self.sched in {"multistep", "cosine"}, f"sched must be multistep or cosine, not {self.sched!r}")
-        _check(self.sam_rho >= 0, "sam_rho must be >= 0")
-        _check(
+        check(min(self.sam_rho_steps, default=0) >= 0, "sam_rho_steps must be >= 0")
+        check(self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
+        check(not (self.sampler == "class_balanced" and self.repeated_aug > 1),
+              "sampler=class_balanced cannot be combined with repeated_aug > 1; set repeated_aug=1")
+        check(len(self.opt_betas) in (0, 2) and all(0 <= b < 1 for b in self.opt_betas),
+              "opt_betas must be two numbers in [0, 1) (or empty for the optimizer's defaults)")
+        check(0 <= self.layer_decay <= 1, "layer_decay must be in [0, 1] (0 = off)")
+        check(self.optimizer in {"sgd", "adamw"}, f"optimizer must be sgd or adamw, not {self.optimizer!r}")
+        check(self.sched in {"multistep", "cosine"}, f"sched must be multistep or cosine, not {self.sched!r}")
+        check(self.sam_rho >= 0, "sam_rho must be >= 0")
+        check(
             not self.sam_rho_steps or len(self.sam_rho_steps) == len(self.sam_rho_epochs) + 1,
             "sam_rho_steps needs exactly one more value than sam_rho_epochs",
         )
-        _check(self.eval_every >= 0, "eval_every must be >= 0 (0 = automatic, at most 5 % of training compute)")
-        _check(self.repeated_aug >= 1, "repeated_aug must be >= 1")
-        _check(self.warmup_epochs < self.epochs or self.epochs <= 1, "warmup_epochs must be < epochs")
-        _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, not "
+        check(self.eval_every >= 0, "eval_every must be >= 0 (0 = automatic, at most 5 % of training compute)")
+        check(self.repeated_aug >= 1, "repeated_aug must be >= 1")
+        check(self.warmup_epochs < self.epochs or self.epochs <= 1, "warmup_epochs must be < epochs")
+        check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, not "
                                              f"{self.precision!r}")
-        _check(not (self.precision == "fp16" and self.uses_sam), "precision=fp16 cannot be combined with SAM "
+        check(not (self.precision == "fp16" and self.uses_sam), "precision=fp16 cannot be combined with SAM "
                                                                  "(its ascent step needs unscaled gradients)")
 
     def inert_fields(self) -> tuple[str, ...]:
@@ -116,7 +136,7 @@ class TrainHparams:
 
     @property
     def uses_sam(self) -> bool:
-        return self.sam_rho > 0 or bool(self.sam_rho_steps)
+        return uses_sam(self.sam_rho, self.sam_rho_steps)
 
     def effective_lr(self) -> float:
         if not self.lr_base_batch:
@@ -125,6 +145,27 @@ class TrainHparams:
 
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def uses_sam(sam_rho: float, sam_rho_steps: Iterable[float] = ()) -> bool:
+    """Whether a run trains with SAM: a constant radius or a radius schedule (also for a raw config.json)."""
+    return sam_rho > 0 or bool(tuple(sam_rho_steps))
+SAMPLERS = ("instance", "class_balanced")  # how a training epoch draws its images (ltbench.augment.epoch_order)
+
+
+EVAL_BUDGET = 0.05  # the default evaluation interval keeps evaluation under this share of training compute
+
+
+def eval_interval(hp: TrainHparams, train_images_per_epoch: int, eval_images: int) -> int:
+    """``hp.eval_every``, or for 0 the smallest interval within EVAL_BUDGET.
+
+    An evaluation image costs one forward pass, a training image about three (forward and backward; six with
+    SAM's second pass); teachers and extra views only make training dearer, so the interval errs long.
+    """
+    if hp.eval_every:
+        return hp.eval_every
+    passes = 6 if hp.uses_sam else 3
+    return max(1, math.ceil(eval_images / (EVAL_BUDGET * passes * max(1, train_images_per_epoch))))
 
 
 def rescale_epochs(hp: TrainHparams, epochs: int, keep: Iterable[str] = ()) -> TrainHparams:
@@ -154,19 +195,19 @@ def rescale_epochs(hp: TrainHparams, epochs: int, keep: Iterable[str] = ()) -> T
     return dataclasses.replace(hp, **changes)
 
 
-def _check(ok: bool, message: str) -> None:
+def check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(f"Invalid hyperparameter: {message}.")
 
 
-def _check_finite(hp: Any) -> None:
+def check_finite(hp: Any) -> None:
     """Every float setting of every method is a finite number: inf and nan pass any range check written as
     ``x > 0`` or ``x < 0``, and a run trained with them diverges."""
     for f in dataclasses.fields(hp):
         value = getattr(hp, f.name)
         values = value if isinstance(value, tuple) else (value,)
         bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
-        _check(not bad, f"{f.name} must be a finite number, not {bad[0] if bad else ''}")
+        check(not bad, f"{f.name} must be a finite number, not {bad[0] if bad else ''}")
 
 
 # ----------------------------------------------------------------------------------------------

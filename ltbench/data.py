@@ -174,13 +174,14 @@ def indices_sha256(indices: np.ndarray) -> str:
 
 
 SHOT_GROUPS = ("many", "medium", "few")
+MANY_ABOVE, FEW_BELOW = 100, 20  # the counts rule: many > 100 training images, medium 20..100, few < 20
 
 
 def shot_group_of(count: int) -> str:
     """The standard OLTR rule on training counts: many > 100, medium 20..100, few < 20."""
-    if count > 100:
+    if count > MANY_ABOVE:
         return "many"
-    if count >= 20:
+    if count >= FEW_BELOW:
         return "medium"
     return "few"
 

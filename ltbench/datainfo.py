@@ -9,14 +9,13 @@ from typing import Any
 from ltbench import config as cfgmod
 from ltbench.data import default_data_root, indices_sha256, paper_groups, rank_fingerprint, shot_groups
 from ltbench.registry import DATASETS
+from ltbench.resolve import dataset_options
 
 
 def dataset_summary(dataset: str, rho: float | None, sets: Sequence[str], data_root: Path | None) -> dict[str, Any]:
-    from ltbench.stages import _dataset_options
-
     cls = DATASETS.get(dataset)
     overrides, _ = cfgmod.parse_set_options(sets)
-    options = _dataset_options(cls, rho, overrides)
+    options = dataset_options(cls, rho, overrides)
     data = cls(options, (data_root or default_data_root()).resolve()).load()
     info = data.info
     groups = shot_groups(info.train_counts)

@@ -4,7 +4,8 @@ Every rank runs the same engine on its shard of each global batch. Gradients are
 coalesced all-reduce per optimizer step (after the local micro-batches are accumulated), which is
 what DistributedDataParallel computes for a no-sync accumulation step, without wrapping the
 methods' modules: state-dict keys stay plain, so a checkpoint resumes on any number of GPUs.
-Evaluation shards the test set without padding and gathers every prediction before any metric.
+Evaluation shards the test set without padding and gathers every prediction before any metric. This module
+holds only the collectives; launching local processes is ``ltbench.launcher``'s job.
 """
 
 from __future__ import annotations
@@ -70,46 +71,8 @@ def gather(obj: Any) -> list[Any]:
 
 
 def shard(n: int, rank: int, world: int) -> range:
-    """A contiguous, unpadded shard of ``range(n)``: no sample is evaluated twice."""
+    """A contiguous, unpadded, even split of ``range(n)``: process ``rank``'s part of a test set or global batch
+    (no sample is evaluated or trained twice)."""
     per, extra = divmod(n, world)
     start = rank * per + min(rank, extra)
     return range(start, start + per + (1 if rank < extra else 0))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def ensure_data_parallel(config_dict: dict[str, Any], runtime_fields: dict[str, Any], nprocs: int,
-                         backend: str | None = None) -> None:
-    """Train one run with ``nprocs`` local processes, as ``torchrun --nproc_per_node`` would.
-
-    Used by sweep trials that Ray placed on several GPUs of one node (Ray sets CUDA_VISIBLE_DEVICES to
-    them, so local rank i drives the i-th of the trial's GPUs).
-    """
-    import torch.multiprocessing as mp
-
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nprocs)}
-    if backend:
-        env["LTBENCH_DIST_BACKEND"] = backend
-    mp.start_processes(_rank_main, args=(nprocs, env, config_dict, runtime_fields), nprocs=nprocs,
-                       start_method="spawn", join=True)
-
-
-def _rank_main(rank: int, nprocs: int, env: dict[str, str], config_dict: dict[str, Any],
-               runtime_fields: dict[str, Any]) -> None:
-    os.environ.update(env)
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(nprocs)})
-    from ltbench import stages
-    from ltbench.config import RunConfig
-    from ltbench.engine import Runtime
-
-    try:
-        stages.ensure(RunConfig.from_dict(config_dict), Runtime(**runtime_fields, echo=print))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -11,96 +11,28 @@ resumes by running the same command and loses at most the epoch in progress.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
-import os
 import random
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ltbench import augment, distributed
-from ltbench.config import COMPILE_MODES, RunConfig, TrainHparams
-from ltbench.data import LTData
+from ltbench.config import RunConfig, TrainHparams, eval_interval
+from ltbench.data import InMemorySplit, LTData
 from ltbench.errors import UserError
 from ltbench.evaluate import Evaluator, predict_split
+from ltbench.gpu_augment import AugRecipe, DeviceBatches
 from ltbench.method import BatchPosition, Method, Upstream, compute_loss
 from ltbench.models import count_parameters
 from ltbench.progress import RunMonitor
 from ltbench.records import EPOCH_NUMBERING, RunRecord, atomic_torch_save, atomic_write_json
+from ltbench.runtime import COMPILE_MODES, Runtime
 from ltbench.sam import SAM
-
-
-@dataclass
-class Runtime:
-    """How to run, as opposed to what to run: none of this changes the run id."""
-
-    results: Path
-    data_root: Path
-    device: str = "auto"
-    compile: bool = False
-    compile_mode: str = "default"  # a key of config.COMPILE_MODES
-    micro_batch: int = 0  # per-device forward batch; 0 = the whole global batch in one pass
-    workers: int | None = None  # data-loader workers; None = the method's setting
-    progress: bool = True
-    save_logits: bool = False
-    stop_after_epochs: int | None = None  # leave the run resumable after this many epochs (time-boxed jobs)
-    download: bool = False
-    augment_on: str = "auto"  # auto (device for in-memory data on a GPU) | device | cpu
-    threads: int | None = None  # torch intra-op threads; None = the CPUs this process was given
-    log: tuple[str, ...] = ()  # experiment trackers, names from ltbench.tracking.BACKENDS
-    echo: Any = field(default=print, repr=False)
-
-    def __post_init__(self) -> None:
-        """Refuse impossible values here, before a run folder exists (a sweep's grid can set them too)."""
-        for name, value, least in (("micro_batch", self.micro_batch, 0), ("workers", self.workers, 0),
-                                   ("stop_after_epochs", self.stop_after_epochs, 1), ("threads", self.threads, 1)):
-            if value is not None and value < least:
-                raise UserError(f"{name} must be >= {least}, got {value}.")
-
-    def cpu_threads(self) -> int:
-        """``threads``, else torch's default (all cores) capped by the CPUs this process may run on (its CPU
-        affinity: a taskset, SLURM or container allocation), so concurrent runs do not oversubscribe."""
-        if self.threads:
-            return self.threads
-        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(torch.get_num_threads(), allowed))
-
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-
-EVAL_BUDGET = 0.05  # the default evaluation interval keeps evaluation under this share of training compute
-
-
-def eval_interval(hp: TrainHparams, train_images_per_epoch: int, eval_images: int) -> int:
-    """``hp.eval_every``, or for 0 the smallest interval within EVAL_BUDGET.
-
-    An evaluation image costs one forward pass, a training image about three (forward and backward; six with
-    SAM's second pass); teachers and extra views only make training dearer, so the interval errs long.
-    """
-    if hp.eval_every:
-        return hp.eval_every
-    passes = 6 if hp.uses_sam else 3
-    return max(1, math.ceil(eval_images / (EVAL_BUDGET * passes * max(1, train_images_per_epoch))))
-
-
-def seed_hash(*parts: Any) -> int:
-    """A 31-bit seed derived from its parts, stable across Python versions and processes."""
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+from ltbench.seeding import seed_everything, seed_hash
 
 
 def autocast_dtype(device: torch.device, precision: str = "bf16") -> torch.dtype | None:
@@ -133,8 +65,6 @@ class Trainer:
         self.method = method_cls(hp, data.info, self.device, upstream)
         for module in self.method.state_modules().values():
             module.to(self.device)
-        if runtime.compile_mode not in COMPILE_MODES:
-            raise UserError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, not {runtime.compile_mode!r}.")
         # CUDA graphs replay only on a GPU; elsewhere the cudagraph modes compile like the others
         self.cuda_graphs = runtime.compile and COMPILE_MODES[runtime.compile_mode] and self.device.type == "cuda"
         self.optimizer = self._build_optimizer()
@@ -143,7 +73,7 @@ class Trainer:
                             f"processes; choose a batch_size divisible by the number of processes.")
         per_rank = hp.batch_size // self.dist.world
         self.micro = min(runtime.micro_batch or per_rank, per_rank)
-        if getattr(hp, "drop_last", False) and len(data.train) < hp.batch_size:
+        if hp.drop_last and len(data.train) < hp.batch_size:
             raise UserError(f"The training split has {len(data.train)} images, fewer than one batch of "
                             f"{hp.batch_size} with drop_last: lower batch_size with --set batch_size=N.")
         self.steps_per_epoch = self._steps_per_epoch()
@@ -164,13 +94,13 @@ class Trainer:
         # timm's "sgd" is Nesterov SGD; the CNN recipes (LDAM-DRW, PaCo, Saddle) use classical momentum
         kwargs: dict[str, Any] = {}
         if hp.optimizer == "sgd":
-            kwargs = {"momentum": hp.momentum, "nesterov": getattr(hp, "nesterov", False)}
+            kwargs = {"momentum": hp.momentum, "nesterov": hp.nesterov}
         if self.device.type == "cuda" and hp.optimizer == "adamw":
             kwargs["fused"] = True
-        # hooks (a method's fields, LiVT's): AdamW betas (MAE's 0.9 / 0.95) and timm's layer-wise lr decay
-        if getattr(hp, "opt_betas", ()):
+        # hooks (TrainHparams fields, set by LiVT): AdamW betas (MAE's 0.9 / 0.95) and timm's layer-wise lr decay
+        if hp.opt_betas:
             kwargs["betas"] = tuple(hp.opt_betas)
-        if getattr(hp, "layer_decay", 0.0):
+        if hp.layer_decay:
             kwargs["layer_decay"] = hp.layer_decay
         return create_optimizer_v2(self.method.trainable(), opt=hp.optimizer, lr=hp.effective_lr(),
                                    weight_decay=hp.weight_decay, filter_bias_and_bn=self.method.filter_bias_and_bn,
@@ -180,8 +110,8 @@ class Trainer:
         from timm.scheduler import create_scheduler_v2
 
         hp = self.hp
-        # warmup_prefix (a method's field, PaCo's): the schedule after the warm-up spans the remaining epochs
-        prefix = getattr(hp, "warmup_prefix", False)
+        # warmup_prefix (PaCo's): the schedule after the warm-up spans the remaining epochs
+        prefix = hp.warmup_prefix
         scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=hp.sched, num_epochs=hp.epochs - (hp.warmup_epochs if prefix else 0),
             decay_milestones=list(hp.milestones), decay_rate=hp.decay_rate, min_lr=hp.min_lr,
@@ -199,12 +129,7 @@ class Trainer:
 
     def _device_inputs(self):
         """uint8 train images on the device plus the device recipe, when augmentation can run there."""
-        from ltbench.data import InMemorySplit
-        from ltbench.gpu_augment import AugRecipe
-
         mode = self.runtime.augment_on
-        if mode not in {"auto", "device", "cpu"}:
-            raise UserError(f"--augment-on must be auto, device or cpu, not {mode!r}.")
         wanted = mode == "device" or (mode == "auto" and self.device.type == "cuda")
         if not wanted or not isinstance(self.data.train, InMemorySplit):
             return None
@@ -221,10 +146,8 @@ class Trainer:
     def _train_batches(self, epoch: int):
         """This epoch's micro-batches: augmented on the device for in-memory data, else by loader workers."""
         seed = seed_hash(self.config.seed, "data", epoch)
-        drop_last = getattr(self.hp, "drop_last", False)
+        drop_last = self.hp.drop_last
         if self.device_inputs is not None:
-            from ltbench.gpu_augment import DeviceBatches
-
             images, labels, recipe = self.device_inputs
             return DeviceBatches(images, labels, recipe, self.hp.batch_size, seed=seed, drop_last=drop_last,
                                  repeated_aug=self.hp.repeated_aug, micro_batch=self.micro, rank=self.dist.rank,
@@ -237,9 +160,9 @@ class Trainer:
         )
 
     def _sampler(self) -> str:
-        """Hook: a method whose Hparams have a ``sampler`` field (``augment.SAMPLERS``: instance | class_balanced)
-        gets that sampling for its training epochs, on the CPU loader and on the device alike."""
-        return getattr(self.hp, "sampler", "instance")
+        """The ``sampler`` hook (``config.SAMPLERS``: instance | class_balanced): how the training epochs draw,
+        on the CPU loader and on the device alike."""
+        return self.hp.sampler
 
     def _steps_per_epoch(self) -> int:
         # the loaders' own rules (the epoch's length per sampler, then incomplete batches and a last one smaller than
@@ -247,7 +170,7 @@ class Trainer:
         order = augment.epoch_order(len(self.data.train), self.data.train.labels, torch.Generator(), self._sampler(),
                                     self.hp.repeated_aug)
         batches = augment.MicroBatchSampler(order, self.hp.batch_size, self.hp.batch_size,
-                                            getattr(self.hp, "drop_last", False), world=self.dist.world)
+                                            self.hp.drop_last, world=self.dist.world)
         return max(1, len(batches.steps))
 
     # --- checkpoint ----------------------------------------------------------------------------
@@ -293,7 +216,11 @@ class Trainer:
         if self.dist.is_main:
             self.record.write_metrics(rows)
         eval_loader, final = self._eval_loader(), None
-        with RunMonitor(self, rows) as self.monitor:
+        monitor = RunMonitor(rows, epochs=self.hp.epochs, steps_per_epoch=self.steps_per_epoch,
+                             lr=lambda: self.optimizer.param_groups[0]["lr"], record=self.record, config=self.config,
+                             main=self.dist.is_main, progress=self.runtime.progress, echo=self.runtime.echo,
+                             log=self.runtime.log)
+        with monitor as self.monitor:
             for epochs_this_call, epoch in enumerate(range(self.start_epoch, self.hp.epochs)):
                 if self.runtime.stop_after_epochs is not None and epochs_this_call >= self.runtime.stop_after_epochs:
                     return {}
@@ -324,7 +251,7 @@ class Trainer:
         images, start = 0, time.perf_counter()
         with self._progress(epoch) as progress:
             steps = loader.batch_sampler.steps
-            for step, micro_batches in enumerate(_group(loader, loader.batch_sampler.group_sizes)):
+            for step, micro_batches in enumerate(group_steps(loader, loader.batch_sampler.group_sizes)):
                 if self.hp.sched_per_step:
                     self.scheduler.step_update(epoch * self.steps_per_epoch + step)
                 logs = self.step(micro_batches, epoch, global_size=steps[step][1], index=step)
@@ -367,11 +294,11 @@ class Trainer:
         prepared = []
         # No hashing here: a method that keys randomness by the position (ViT Mixup) derives its seed when it mixes.
         distributed_step = global_size and self.dist.enabled
-        offset = augment.shard(global_size, self.dist.rank, self.dist.world).start if distributed_step else 0
+        offset = distributed.shard(global_size, self.dist.rank, self.dist.world).start if distributed_step else 0
         with torch.no_grad(), self._autocast():
             for x, y in micro_batches:
                 self.method.batch_position = BatchPosition(self.config.seed, epoch, index, offset)
-                prepared.append((self.method.prepare(_to(x, self.device), _to(y, self.device)), len(y)))
+                prepared.append((self.method.prepare(to_device(x, self.device), to_device(y, self.device)), len(y)))
                 offset += len(y)
         # Each micro-batch loss is weighted by its share of the global batch; ranks' gradients are averaged.
         scale = self.dist.world / (global_size or self.dist.world * sum(n for _, n in prepared))
@@ -515,18 +442,18 @@ class Trainer:
         return self.monitor.epoch_bar(epoch)
 
 
-def _group(loader: Iterable, sizes: list[int]) -> Iterator[list]:
+def group_steps(loader: Iterable, sizes: list[int]) -> Iterator[list]:
     """Micro-batches grouped into optimizer steps of the given sizes."""
     items = iter(loader)
     for size in sizes:
         yield [next(items) for _ in range(size)]
 
 
-def _to(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True)
     if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     return value
 
 

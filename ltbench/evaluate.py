@@ -27,6 +27,9 @@ class Evaluator:
         raise NotImplementedError
 
 
+DEFAULT_EVALUATOR = "longtail"  # the entry-point name of LongTailEvaluator, the evaluator every run uses
+
+
 class LongTailEvaluator(Evaluator):
     """``longtail``: top-1, per-class accuracy, many/medium/few under both rules, and ECE, per head."""
 

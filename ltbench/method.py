@@ -29,6 +29,7 @@ from torch import nn
 
 from ltbench.config import RunConfig, TrainHparams
 from ltbench.errors import UserError
+from ltbench.seeding import seed_hash
 
 if TYPE_CHECKING:
     from ltbench.data import DatasetInfo
@@ -69,8 +70,6 @@ class BatchPosition(NamedTuple):
 
     def key(self) -> int:
         """A seed of this optimizer step, the same on every process and for every micro-batch of the step."""
-        from ltbench.engine import seed_hash  # the engine imports this module
-
         return seed_hash(self.seed, "step", self.epoch, self.index)
 
 

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ltbench.report import ReportOptions, RunSet, data_labels, label_rows, natural_key
+from ltbench.data import FEW_BELOW, MANY_ABOVE, SHOT_GROUPS
+from ltbench.report import label_rows, natural_key
+from ltbench.runset import ReportOptions, RunSet, data_labels
 
-# The counts rule's group boundaries (report.SPLIT_TEXT["counts"]) and the regions they separate, head first.
-GROUP_BOUNDARIES = (100, 20)
-GROUP_NAMES = ("many", "medium", "few")
+# The counts rule's group boundaries (runset.SPLIT_TEXT["counts"]) and the regions they separate, head first.
+GROUP_BOUNDARIES = (MANY_ABOVE, FEW_BELOW)
+GROUP_NAMES = SHOT_GROUPS
 HEAD_STYLE = {"main": ("average (main)", "--", "0.4"), "cls": ("CLS head", "-", "tab:blue"),
               "dist": ("DIST head", "-", "tab:orange")}
 

@@ -18,21 +18,21 @@ import numpy as np
 import torch
 
 from ltbench.errors import UserError
+from ltbench.evaluate import DEFAULT_EVALUATOR
 from ltbench.losses import log_prior
-from ltbench.records import RunRecord, atomic_write_bytes, atomic_write_json
+from ltbench.records import (
+    LOGITS_FILE,
+    POSTHOC_FILE,
+    RunRecord,
+    atomic_write_bytes,
+    atomic_write_json,
+    tau_key,
+)
+from ltbench.reevaluate import restored_trainer
+from ltbench.registry import EVALUATORS
+from ltbench.stages import load_data
 
-POSTHOC_FILE = "posthoc_la.json"
-LOGITS_FILE = "test_logits.npz"
 RULE = "argmax of z - tau * log(n_c / N) on every head's final-epoch test logits (Menon et al. 2021, post-hoc)"
-
-
-def tau_key(tau: float) -> str:
-    """The text a tau is stored and labelled under (1.0 -> "1", 0.5 -> "0.5")."""
-    return f"{tau:g}"
-
-
-def posthoc_label(method: str, tau: float | str) -> str:
-    return f"{method} + post-hoc LA τ={tau_key(float(tau))}"
 
 
 def adjust_logits(logits: Mapping[str, torch.Tensor], counts: Sequence[int], tau: float) -> dict[str, torch.Tensor]:
@@ -43,9 +43,6 @@ def adjust_logits(logits: Mapping[str, torch.Tensor], counts: Sequence[int], tau
 
 def posthoc_adjust(record: RunRecord, runtime, taus: Sequence[float]) -> dict[str, Any]:
     """Evaluate a finished run at each tau; merges the blocks into ``posthoc_la.json`` and returns its content."""
-    from ltbench import stages
-    from ltbench.registry import EVALUATORS
-
     if not record.done:
         raise UserError(f"Run {record.run_id} is not finished (no DONE marker): post-hoc adjustment uses the final "
                         f"epoch's logits. Finish it first (run the same `ltbench run` command).")
@@ -53,10 +50,10 @@ def posthoc_adjust(record: RunRecord, runtime, taus: Sequence[float]) -> dict[st
         raise UserError(f"--adjust takes tau >= 0 (1 is the paper's choice), got {', '.join(map(str, taus))}.")
     result = record.result()
     logits, labels, source = final_logits(record, runtime)
-    info = stages.load_data(record.config(), runtime).info
-    evaluator = EVALUATORS.get("longtail")()
+    info = load_data(record.config(), runtime).info
+    evaluator = EVALUATORS.get(DEFAULT_EVALUATOR)()
     path = record.path / POSTHOC_FILE
-    payload = record.read_json(POSTHOC_FILE) if path.exists() else {"run_id": record.run_id, "rule": RULE, "taus": {}}
+    payload = record.posthoc() or {"run_id": record.run_id, "rule": RULE, "taus": {}}
     for tau in taus:
         metrics = evaluator.evaluate(adjust_logits(logits, result["class_counts"], tau), labels, info)
         payload["taus"][tau_key(tau)] = {"epoch": result["final"]["epoch"], "logits": source, **metrics}
@@ -66,18 +63,15 @@ def posthoc_adjust(record: RunRecord, runtime, taus: Sequence[float]) -> dict[st
 
 def final_logits(record: RunRecord, runtime) -> tuple[dict[str, torch.Tensor], torch.Tensor, str]:
     """(logits per head, labels, "saved" | "recomputed"): the saved final test logits, or recomputed and saved."""
-    path = record.path / LOGITS_FILE
-    if path.exists():
-        with np.load(path) as saved:
-            arrays = {name: torch.from_numpy(saved[name]) for name in saved.files}
+    saved = record.saved_logits()
+    if saved is not None:
+        arrays = {name: torch.from_numpy(values) for name, values in saved.items()}
         labels = arrays.pop("labels")
         return arrays, labels, "saved"
-    from ltbench.reevaluate import restored_trainer
-
     trainer, _ = restored_trainer(record, runtime)
     metrics = trainer._evaluate_full(trainer._eval_loader(), keep_logits=True)
     logits, labels = metrics["_logits"], metrics["_labels"]
     buffer = io.BytesIO()
     np.savez_compressed(buffer, labels=labels.numpy(), **{k: v.numpy() for k, v in logits.items()})
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(record.path / LOGITS_FILE, buffer.getvalue())
     return logits, labels, "recomputed"

@@ -9,6 +9,7 @@ run) and evaluations print their results. The same rows go to the experiment tra
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,8 @@ from ltbench import tracking
 if TYPE_CHECKING:
     import torch
 
-    from ltbench.engine import Trainer
+    from ltbench.config import RunConfig
+    from ltbench.records import RunRecord
 
 # Where the bar draws and how a terminal is recognised; status lines go to stderr too (runtime.echo).
 stderr_console = Console(stderr=True)
@@ -59,19 +61,23 @@ def _pct(value: float | None) -> str:
 class RunMonitor:
     """Reports one run's epochs to the screen or log and to the trackers; use as a context manager."""
 
-    def __init__(self, trainer: Trainer, history: list[dict[str, Any]]) -> None:
-        self.trainer, self.history = trainer, list(history)
-        self.main = trainer.dist.is_main
-        self.live = trainer.runtime.progress and self.main and stderr_console.is_terminal
-        self.echo = trainer.runtime.echo
-        self.epochs = trainer.hp.epochs
+    def __init__(self, history: list[dict[str, Any]], *, epochs: int, steps_per_epoch: int,
+                 lr: Callable[[], float], record: RunRecord, config: RunConfig, main: bool = True,
+                 progress: bool = True, echo: Callable[[str], Any] = print, log: Sequence[str] = ()) -> None:
+        """``history``: the metrics rows already on disk; ``lr``: reads the optimizer's current lr (for the bar);
+        ``main``: this process reports (rank 0); ``progress``: a live bar on a terminal; ``log``: trackers."""
+        self.history = list(history)
+        self.epochs, self.steps_per_epoch, self.lr = epochs, steps_per_epoch, lr
+        self.record, self.config, self.log = record, config, tuple(log)
+        self.main = main
+        self.live = progress and self.main and stderr_console.is_terminal
+        self.echo = echo
         self.trackers: list[tracking.Tracker] = []
         self.start, self.epochs_done = time.perf_counter(), 0
 
     def __enter__(self) -> RunMonitor:
         if self.main:
-            self.trackers = tracking.open_trackers(self.trainer.runtime.log, self.trainer.record,
-                                                   self.trainer.config, self.history)
+            self.trackers = tracking.open_trackers(self.log, self.record, self.config, self.history)
         self.start = time.perf_counter()
         return self
 
@@ -109,7 +115,7 @@ class EpochBar:
 
     def __init__(self, monitor: RunMonitor, epoch: int) -> None:
         self.monitor, self.epoch = monitor, epoch
-        self.steps = monitor.trainer.steps_per_epoch
+        self.steps = monitor.steps_per_epoch
         self.last_read = -float("inf")
 
     def __enter__(self):
@@ -127,7 +133,7 @@ class EpochBar:
         if elapsed - self.last_read >= self.every_s or step + 1 == self.steps:
             self.last_read = elapsed
             loss = float(sums.get("loss", 0.0)) / (step + 1)
-            lr = self.monitor.trainer.optimizer.param_groups[0]["lr"]
+            lr = self.monitor.lr()
             stats = (f"loss {loss:.4f}  lr {lr:.2e}  {images / max(elapsed, 1e-9):,.0f} img/s  "
                      f"run ETA {clock(self._run_eta(step, elapsed))}")
         self.bar.update(self.task, completed=step + 1, **({"stats": stats} if stats else {}))

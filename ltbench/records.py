@@ -1,4 +1,4 @@
-"""Run folders: the only interface between training, sweeps and reports.
+"""Run folders: the only interface between training, sweeps and reports, and the only code that reads them.
 
 ``results/runs/<run_id>/`` holds ``config.json``, ``env.json``, ``metrics.jsonl`` (one line per
 epoch), ``checkpoint.pt`` (latest full state), ``result.json`` and ``DONE``. Every write is atomic
@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 CHECKPOINT = "checkpoint.pt"
 EPOCH_NUMBERING = "1-based: epoch 1 is the first; an epoch field names the epoch just completed"
 DONE = "DONE"
+RESULT = "result.json"
+METRICS = "metrics.jsonl"
+EAGER_RETRY = "eager_retry.json"  # its compiled first epoch failed on CUDA, so it trained eagerly (stages)
+POSTHOC_FILE = "posthoc_la.json"  # post-hoc logit adjustment results (ltbench.posthoc)
+LOGITS_FILE = "test_logits.npz"  # the final test logits per head (--save-logits, or recomputed by posthoc)
 LOCK = ".lock"
 TMP_SUFFIX = ".tmp"  # atomic writes go through .<name>.<random>.tmp next to the target
 UNUSABLE_RUN_FIX = "Restore its original config.json, or move the folder away (the same settings then train afresh)."
@@ -192,6 +197,61 @@ class RunRecord:
                          f"To retrain this run from epoch 0, delete that file (rm {self.checkpoint_path}) and run "
                          f"the same command again.")
 
+    def finished_result(self, select: str = "final") -> tuple[dict[str, Any] | None, str | None]:
+        """(the run's result, None), or (None, why a table leaves the run out): unfinished, or a result.json that
+        is missing or lacks a top-1 for the ``select`` block."""
+        if not self.done:
+            return None, f"unfinished ({epochs_logged(self.path)} epoch(s) logged)"
+        if not (self.path / RESULT).is_file():
+            return None, "DONE but no result.json"
+        try:
+            result = json.loads((self.path / RESULT).read_text())
+            if select == "best" and result.get("best") is None:
+                return None, "no evaluated epoch to select as best"
+            heads = result[select]["heads"]
+            if not heads or not all(isinstance(m["top1"], (int, float)) for m in heads.values()):
+                raise ValueError("no head with a top-1")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            return None, (f"result.json of run {self.run_id} is damaged ({type(exc).__name__}: {exc}); delete it "
+                          f"and DONE, then run the same `ltbench run` command, which re-evaluates the final checkpoint")
+        return result, None
+
+    def untrusted_config(self) -> dict[str, Any]:
+        """Coordinates for a footnote about a folder whose config.json is missing or edited: the config as written,
+        else the one result.json recorded, else unknown."""
+        for name, key in (("config.json", None), (RESULT, "config")):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                payload = json.loads((self.path / name).read_text())
+                payload = payload[key] if key else payload
+                if isinstance(payload, dict) and {"method", "dataset"} <= set(payload):
+                    return payload
+        return {"method": "unknown method", "dataset": "unknown dataset", "seed": "?"}
+
+    def holds_a_run(self) -> bool:
+        """Any folder with more than a lock and temporaries (a run that is only starting has nothing else yet)."""
+        return self.path.is_dir() and any(p.name != LOCK and not p.name.endswith(TMP_SUFFIX)
+                                          for p in self.path.iterdir())
+
+    def eager_retry(self) -> dict[str, Any] | None:
+        """The eager-retry marker (the error of the failed compiled attempt), or None."""
+        return self.read_json(EAGER_RETRY) if (self.path / EAGER_RETRY).is_file() else None
+
+    def mark_eager_retry(self, error: str, compile_mode: str) -> None:
+        atomic_write_json(self.path / EAGER_RETRY, {"error": error, "compile_mode": compile_mode})
+
+    def posthoc(self) -> dict[str, Any] | None:
+        """The content of posthoc_la.json, or None."""
+        return self.read_json(POSTHOC_FILE) if (self.path / POSTHOC_FILE).is_file() else None
+
+    def saved_logits(self) -> dict[str, Any] | None:
+        """The saved final test logits as numpy arrays per head plus ``labels``, or None."""
+        import numpy as np
+
+        if not (self.path / LOGITS_FILE).exists():
+            return None
+        with np.load(self.path / LOGITS_FILE) as saved:
+            return {name: saved[name] for name in saved.files}
+
     def mark_done(self) -> None:
         atomic_write_bytes(self.path / DONE, b"")
 
@@ -311,6 +371,34 @@ def config_problem(folder: Path) -> str | None:
         return (f"its config.json hashes to run id {run_id}, not to the folder's name {folder.name}: it was edited "
                 f"(or the folder renamed), so it no longer describes what was trained")
     return None
+
+
+def tau_key(tau: float) -> str:
+    """The text a tau is stored and labelled under (1.0 -> "1", 0.5 -> "0.5")."""
+    return f"{tau:g}"
+
+
+def posthoc_label(method: str, tau: float | str) -> str:
+    return f"{method} + post-hoc LA τ={tau_key(float(tau))}"
+
+
+def epochs_logged(folder: Path) -> int:
+    """The number of lines of a run folder's metrics.jsonl (0 without one)."""
+    try:
+        with open(folder / METRICS, "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    except OSError:
+        return 0
+
+
+def run_state(results: Path, run_id: str) -> tuple[str, int]:
+    """``(done | partial | new, epochs finished)`` read from the run folder alone."""
+    folder = runs_dir(results) / run_id
+    if (folder / DONE).is_file():
+        return "done", epochs_logged(folder)
+    if (folder / CHECKPOINT).is_file():
+        return "partial", epochs_logged(folder)
+    return "new", 0
 
 
 def iter_runs(results: Path) -> Iterator[RunRecord]:

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from ltbench.engine import Runtime, Trainer
+from ltbench.engine import Trainer
 from ltbench.errors import UserError
 from ltbench.records import RunRecord, atomic_write_json
-from ltbench.registry import EVALUATORS, METHODS
+from ltbench.runtime import Runtime
+from ltbench.stages import build_trainer
 
 
 def restored_trainer(record: RunRecord, runtime: Runtime) -> tuple[Trainer, dict[str, Any]]:
     """The run's Trainer with its latest checkpoint loaded (upstream runs found, never trained), and that checkpoint."""
-    from ltbench import stages
-
     config = record.config()
     ckpt = record.load_checkpoint()
     if ckpt is None:
         raise UserError(f"Run {record.run_id} has no checkpoint yet ({record.checkpoint_path}); nothing to evaluate.")
-    upstream = stages.resolve_upstream(config, runtime, train=False)
-    trainer = Trainer(config, stages.hparams_of(config), METHODS.get(config.method), stages.load_data(config, runtime),
-                      EVALUATORS.get("longtail")(), record, runtime, upstream)
+    trainer = build_trainer(config, runtime, record=record)
     trainer.restore(ckpt)
     return trainer, ckpt
 

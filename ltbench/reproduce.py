@@ -20,10 +20,7 @@ conditions) as it takes to pick one configuration of the suite, then what to rea
 from __future__ import annotations
 
 import difflib
-import io
-import json
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -34,12 +31,16 @@ import pandas as pd
 import yaml
 
 from ltbench import report as rp
+from ltbench import runset
 from ltbench import sweep as sw
 from ltbench.errors import UserError
+from ltbench.launcher import SUITE_RESOURCES
+from ltbench.records import RunRecord, runs_dir
+from ltbench.runtime import suite_keys
 
 SUITE_KEYS = ("description", "runtime", "runs", "expectations")
-RUNTIME_KEYS = ("device", "compile", "compile_mode", "micro_batch", "workers", "augment_on", "gpus_per_trial",
-                "cpus_per_trial", "max_failures")
+# a suite's runtime: block: the Runtime options marked for suites, and the Ray resources of its trials
+RUNTIME_KEYS = (*suite_keys(), *SUITE_RESOURCES)
 CELL_KEYS = ("method", "dataset", "rho", "preset", "set", "head", "split", "metric")
 KIND_KEYS = {"value": ("cell", "expected", "tolerance"), "order": ("better", "worse", "margin"),
              "finished": ("cell", "heads")}
@@ -69,7 +70,8 @@ class Cell:
         where_text = ", ".join(w for w in where if w)
         head = "" if self.head == "main" else f" {self.head.upper()} head"
         group = "" if self.metric in ("top1", "ece") else f" ({self.split} split)"
-        return f"{self.method}{f' ({where_text})' if where_text else ''}{head} {rp.METRIC_LABELS[self.metric]}{group}"
+        where = f" ({where_text})" if where_text else ""
+        return f"{self.method}{where}{head} {runset.METRIC_LABELS[self.metric]}{group}"
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,7 @@ def _cell(where: _Where, value: Any, key: str) -> Cell:
     for condition in conditions:
         if "=" not in condition:
             raise where.error(f"{key}.set", f"{condition!r} is not KEY=VALUE.")
-    for option, allowed in (("split", ("counts", "paper")), ("metric", rp.METRICS)):
+    for option, allowed in (("split", ("counts", "paper")), ("metric", runset.METRICS)):
         if option in cell and cell[option] not in allowed:
             raise where.error(f"{key}.{option}", f"{cell[option]!r} is not one of {', '.join(allowed)}.")
     rho = cell.get("rho")
@@ -277,7 +279,7 @@ def _cell_runs(cell: Cell, plan: sw.SweepPlan, where: str) -> list[str]:
     experiments: dict[str, list[str]] = {}
     flats: dict[str, dict[str, str]] = {}
     for job in plan.jobs.values():
-        flat = rp.flatten_config(job.config.to_dict())
+        flat = runset.flatten_config(job.config.to_dict())
         if job.requested and _matches(cell, job, flat):
             experiments.setdefault(rp.experiment_key(flat), []).append(job.run_id)
             flats[job.run_id] = flat
@@ -286,7 +288,7 @@ def _cell_runs(cell: Cell, plan: sw.SweepPlan, where: str) -> list[str]:
                         f"dataset and rho the suite's runs have.")
     if len(experiments) > 1:
         firsts = [flats[ids[0]] for ids in experiments.values()]
-        keys = [k for k in rp._differing_keys(firsts) if not k.startswith("versions.")]
+        keys = [k for k in rp.differing_keys(firsts) if not k.startswith("versions.")]
         raise UserError(f"{where}: the cell {cell.label()} matches {len(experiments)} configurations, which differ "
                         f"in {', '.join(keys[:6])}. Add preset, dataset, rho or set: {{KEY: VALUE}} to the cell.")
     return next(iter(experiments.values()))
@@ -298,7 +300,7 @@ def _matches(cell: Cell, job: sw.Job, flat: Mapping[str, str]) -> bool:
     return (config.method == cell.method and cell.dataset in (None, config.dataset)
             and (cell.rho is None or (rho is not None and math.isclose(float(rho), cell.rho)))
             and cell.preset in (None, config.preset)
-            and all(rp._condition_holds(c, flat) for c in cell.conditions))
+            and all(rp.condition_holds(c, flat) for c in cell.conditions))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,14 +329,14 @@ class Metrics:
 
     def __init__(self, results: Path) -> None:
         self.results = results
-        self._runs: dict[str, rp.RunSet] = {}
+        self._runs: dict[str, runset.RunSet] = {}
 
-    def runs(self, split: str) -> rp.RunSet:
+    def runs(self, split: str) -> runset.RunSet:
         if split not in self._runs:
             if (self.results / "runs").is_dir():
-                self._runs[split] = rp.load_runs(self.results, rp.ReportOptions(split=split, heads=True))
+                self._runs[split] = runset.load_runs(self.results, runset.ReportOptions(split=split, heads=True))
             else:  # nothing trained yet: every cell is missing
-                self._runs[split] = rp.RunSet(pd.DataFrame(columns=["run_id", "head"]), {})
+                self._runs[split] = runset.RunSet(pd.DataFrame(columns=["run_id", "head"]), {})
         return self._runs[split]
 
     def mean(self, cell: Cell, run_ids: Sequence[str]) -> tuple[float | None, int]:
@@ -343,8 +345,8 @@ class Metrics:
         frame = runs.frame[runs.frame["run_id"].isin(run_ids) & (runs.frame["head"] == cell.head)]
         if frame.empty:
             return None, 0
-        subset = rp.RunSet(frame, {rid: runs.flat_configs[rid] for rid in frame["run_id"]})
-        options = rp.ReportOptions(split=cell.split, metrics=(cell.metric,), heads=True)
+        subset = runset.RunSet(frame, {rid: runs.flat_configs[rid] for rid in frame["run_id"]})
+        options = runset.ReportOptions(split=cell.split, metrics=(cell.metric,), heads=True)
         cells = rp.aggregate(subset, options)
         mean = float(cells["mean"].iloc[0])
         return (None if math.isnan(mean) else mean), int(cells["n"].iloc[0])
@@ -402,13 +404,11 @@ def _verdict(expectation: Expectation, status: str, measured: str, value: float 
 
 
 def _retry_notes(results: Path, run_ids: Sequence[str]) -> list[str]:
-    from ltbench.stages import EAGER_RETRY  # the marker ensure_or_retry_eagerly leaves in a run folder
-
     notes = []
     for run_id in dict.fromkeys(run_ids):
-        marker = results / "runs" / run_id / EAGER_RETRY
-        if marker.is_file():
-            error = json.loads(marker.read_text()).get("error", "")
+        marker = RunRecord(runs_dir(results) / run_id).eager_retry()
+        if marker is not None:
+            error = marker.get("error", "") if isinstance(marker, dict) else ""
             notes.append(f"run {run_id} retried eagerly after its compiled first epoch failed ({error})")
     return notes
 
@@ -416,109 +416,3 @@ def _retry_notes(results: Path, run_ids: Sequence[str]) -> list[str]:
 def exit_code(verdicts: Sequence[Verdict]) -> int:
     """0 when every expectation passes, 1 otherwise (a failed or a missing measurement)."""
     return 0 if verdicts and all(v.status == PASS for v in verdicts) else 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Projected GPU hours
-
-
-PROJECTION_TEXT = ("projected GPU hours = epochs x training images (max_c n_c x C per class-balanced epoch; none for "
-                   "tau_norm, which trains nothing) / the training rate measured on one H200 for the same network and "
-                   "batch (ltbench/reference/h200_throughput.csv, from docs/performance.md), halved with SAM's second "
-                   "pass, + 5 % for evaluation (the default interval's budget); a decoupled stage 2 (crt, lws: a "
-                   "classifier on frozen features) is projected at the full network's training rate, an upper bound; "
-                   "n/a = no measured rate for that network")
-
-
-def throughput_table() -> pd.DataFrame:
-    text = files("ltbench").joinpath("reference/h200_throughput.csv").read_text()
-    data = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
-    return pd.read_csv(io.StringIO(data))
-
-
-def network_of(hparams: Mapping[str, Any]) -> str:
-    """``resnet32@32`` or ``vit-384x6@32/4``: the network and input size, which set the training rate."""
-    if "arch" in hparams:
-        return f"{hparams['arch']}@{hparams['img_size']}"
-    return f"vit-{hparams['embed_dim']}x{hparams['depth']}@{hparams['img_size']}/{hparams['patch_size']}"
-
-
-def projected_hours(job: sw.Job, table: pd.DataFrame) -> float | None:
-    from ltbench import augment, stages
-    from ltbench.engine import EVAL_BUDGET
-    from ltbench.registry import DATASETS
-
-    hp = stages.hparams_of(job.config)
-    epochs = max(0, hp.epochs - job.epochs_done)
-    if epochs == 0:
-        return 0.0  # finished, or a method that trains nothing (tau_norm)
-    rows = table[(table["network"] == network_of(job.config.hparams)) & (table["batch"] == hp.batch_size)]
-    rows = rows[rows["method"].isin([job.config.method, "*"])].sort_values("method", key=lambda m: m == "*")
-    dataset_cls = DATASETS.get(job.config.dataset)
-    if rows.empty or not hasattr(dataset_cls, "train_counts"):
-        return None
-    options = stages._dataset_options(dataset_cls, None, dict(job.config.data))
-    counts = dataset_cls.train_counts(options)
-    per_epoch = augment.class_balanced_epoch(counts) if getattr(hp, "sampler", "") == "class_balanced" else sum(counts)
-    images = per_epoch * epochs
-    rate = float(rows["images_per_s"].iloc[0]) / (2 if hp.uses_sam else 1)
-    return images / rate * (1 + EVAL_BUDGET) / 3600
-
-
-# ----------------------------------------------------------------------------------------------
-# Output
-
-
-def verdict_markdown(suite: Suite, verdicts: Sequence[Verdict], plan: sw.SweepPlan, header: Mapping[str, Any]) -> str:
-    passed = sum(v.status == PASS for v in verdicts)
-    lines = [f"## `ltbench reproduce {suite.name}`: {passed}/{len(verdicts)} expectation(s) pass", "",
-             *(f"- {k}: {v}" for k, v in header.items()), "",
-             "| expectation | source | measured | expected | tolerance | verdict |", "|---|---|---|---|---|---|"]
-    for v in verdicts:
-        note = f" ({'; '.join(v.notes)})" if v.notes else ""
-        lines.append(f"| {_md(v.expectation.name)}{_md(note)} | {_md(v.expectation.source)} | {v.measured} | "
-                     f"{v.expected} | {v.tolerance} | **{v.status}** |")
-    lines += ["", "| run | method | preset | dataset | device | wall time | img/s |", "|---|---|---|---|---|---:|---:|"]
-    for row in run_rows(plan):
-        lines.append("| " + " | ".join(str(row[k]) for k in ("run", "method", "preset", "dataset", "device",
-                                                                 "wall time", "img/s")) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def run_rows(plan: sw.SweepPlan) -> list[dict[str, str]]:
-    """Each run of the plan with where and how fast it trained (from its result.json)."""
-    rows = []
-    for job in plan.jobs.values():
-        path = plan.results / "runs" / job.run_id / "result.json"
-        result = json.loads(path.read_text()) if job.status == "done" and path.is_file() else {}
-        rho = job.config.data.get("rho")
-        rows.append({"run": job.run_id, "method": job.config.method, "preset": job.config.preset,
-                     "dataset": job.config.dataset + ("" if rho is None else f" ρ={rho:g}"),
-                     "device": result.get("device", job.status),
-                     "wall time": f"{result['wall_time_s'] / 60:.1f} min" if "wall_time_s" in result else "–",
-                     "img/s": f"{result['images_per_s']:,.0f}" if "images_per_s" in result else "–"})
-    return rows
-
-
-def write_verdicts(suite: Suite, verdicts: Sequence[Verdict], plan: sw.SweepPlan, header: dict[str, Any]) -> Path:
-    """``<results>/reproduce/<suite>/verdict.md`` and ``verdict.json``, next to the runs; returns the folder."""
-    from ltbench.records import atomic_write_bytes, atomic_write_json
-
-    folder = plan.results / "reproduce" / suite.name
-    atomic_write_bytes(folder / "verdict.md", verdict_markdown(suite, verdicts, plan, header).encode())
-    atomic_write_json(folder / "verdict.json", {"suite": suite.name, "file": str(suite.path), **header,
-                                                "exit_code": exit_code(verdicts),
-                                                "verdicts": [v.row() for v in verdicts], "runs": run_rows(plan)})
-    return folder
-
-
-def run_header(plan: sw.SweepPlan, trained_s: float | None, device: str) -> dict[str, Any]:
-    """``trained_s``: wall time of this call's training (planning and Ray start included); None = trained nothing."""
-    trained = "nothing" if trained_s is None else f"{trained_s / 60:.1f} min of wall time"
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device,
-            "this call trained": trained, "results": str(plan.results), "runs": sw.summarize(plan.jobs.values())}
-

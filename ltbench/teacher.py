@@ -1,4 +1,8 @@
-"""A finished run used as a frozen teacher: rebuilt from its folder, nothing typed by hand.
+"""Teachers: the catalogue of CNN teacher runs a student can ask for, and a finished run used as a frozen teacher.
+
+``TEACHERS`` names each teacher a distilled ViT (``deit``, ``deitlt``) or a decoupled classifier (``crt``) can
+request, and :func:`teacher_config` resolves the run it needs. :class:`FrozenTeacher` rebuilds a finished run from
+its folder, nothing typed by hand.
 
 The teacher's method class comes from the registry by the name in its ``config.json``, its
 hyperparameters from the same file, its weights from ``checkpoint.pt`` and its input size from the
@@ -14,17 +18,47 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ltbench.config import RunConfig
 from ltbench.data import DatasetInfo
 from ltbench.errors import UserError
 from ltbench.method import Upstream
 from ltbench.registry import METHODS
+from ltbench.resolve import hparams_of, make_config
+
+# Teacher names -> (CNN method, trained with SAM). A SAM teacher runs its method's SAM variant of the student's
+# preset (paper -> sam, short -> short_sam, tiny -> tiny_sam), so the radii live in one place, next to each method:
+# LDAM-DRW+SAM as Saddle-LongTail (methods/ldam_drw.py), PaCo+SAM's unpublished radius as methods/paco.py chose.
+TEACHERS: dict[str, tuple[str, bool]] = {
+    "erm_cnn": ("erm_cnn", False),
+    "ldam_drw": ("ldam_drw", False),
+    "ldam_drw_sam": ("ldam_drw", True),
+    "paco": ("paco", False),
+    "paco_sam": ("paco", True),
+}
+def sam_preset(preset: str) -> str:
+    """The SAM variant of a CNN preset name (already-SAM names are kept)."""
+    if preset == "sam" or preset.endswith("_sam"):
+        return preset
+    return "sam" if preset == "paper" else f"{preset}_sam"
+
+
+def teacher_config(student: RunConfig, teacher: str, preset: str, overrides: tuple[str, ...] = ()) -> RunConfig:
+    """The teacher run a student needs: same dataset, rho and seed, original label order."""
+    method, with_sam = TEACHERS[teacher]
+    preset = sam_preset(preset) if with_sam else preset
+    data = {k: v for k, v in student.data.items() if k != "sort_by_frequency"}
+    if preset not in METHODS.get(method).presets:
+        raise UserError(f"The teacher method {method!r} has no preset {preset!r}; set teacher_preset=NAME.")
+    if any(item.startswith("data.") for item in overrides):
+        raise UserError("teacher_overrides cannot change dataset options: a teacher sees the student's data.")
+    return make_config(method, student.dataset, seed=student.seed, preset=preset, data_options=data,
+                              sets=overrides)
+
 
 
 class FrozenTeacher:
     def __init__(self, upstream: Upstream, student_info: DatasetInfo, device: torch.device,
                  antialias: bool = False) -> None:
-        from ltbench.stages import hparams_of
-
         config, record = upstream.config, upstream.record
         result = record.result()
         counts = tuple(result["class_counts"])

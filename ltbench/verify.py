@@ -18,7 +18,9 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from ltbench.datasets.filelist_lt import FileListLT, out_of_range, parallel_map, read_list
 from ltbench.errors import UserError
+from ltbench.registry import DATASETS
 
 
 @dataclass
@@ -75,8 +77,6 @@ class VerifyReport:
 def verify_dataset(dataset: str, data_root: Path, workers: int | None = None, expect_standard: bool = True,
                    progress: bool = True) -> VerifyReport:
     """Check lists, counts and images of a list-file dataset; never raises for problems of the copy itself."""
-    from ltbench.datasets.filelist_lt import FileListLT
-    from ltbench.registry import DATASETS
 
     cls = DATASETS.get(dataset)
     if not (isinstance(cls, type) and issubclass(cls, FileListLT)):
@@ -100,7 +100,6 @@ def verify_dataset(dataset: str, data_root: Path, workers: int | None = None, ex
 
 
 def _read_lists(cls, folder: Path, report: VerifyReport) -> dict[str, Any]:
-    from ltbench.datasets.filelist_lt import read_list
 
     listings = {}
     for split, spec in cls.splits.items():
@@ -121,7 +120,6 @@ def _read_lists(cls, folder: Path, report: VerifyReport) -> dict[str, Any]:
 
 def _check_labels(cls, listings: dict[str, Any], report: VerifyReport) -> int:
     """Labels in the published range; train classes contiguous; eval labels among the train classes."""
-    from ltbench.datasets.filelist_lt import out_of_range
 
     for listing in listings.values():
         for index in out_of_range(listing.labels, cls.num_classes):
@@ -190,7 +188,6 @@ def _note_overlaps(listings: dict[str, Any], report: VerifyReport) -> None:
 
 def _check_images(folder: Path, listings: dict[str, Any], report: VerifyReport, workers: int | None,
                   progress: bool) -> None:
-    from ltbench.datasets.filelist_lt import parallel_map
 
     first_seen: dict[str, tuple[Any, int]] = {}
     for listing in listings.values():

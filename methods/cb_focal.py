@@ -22,7 +22,7 @@ from ltbench.methods.erm_cnn import ERMCNN, CNNHparams
 from ltbench.methods.logit_adjust import CNN_PRESETS
 from torch import nn
 
-from ltbench.config import _check
+from ltbench.config import check
 from ltbench.losses import cb_focal_loss, effective_number_weights
 
 
@@ -34,10 +34,10 @@ class CBFocalHparams(CNNHparams):
 
     def validate(self) -> None:
         super().validate()
-        _check(self.classifier == "linear", "cb_focal needs classifier=linear (its bias carries the prior init)")
-        _check(0 <= self.cb_beta < 1, "cb_beta must be in [0, 1)")
-        _check(self.focal_gamma >= 0, "focal_gamma must be >= 0")
-        _check(0 < self.prior_init < 1, "prior_init must be in (0, 1)")
+        check(self.classifier == "linear", "cb_focal needs classifier=linear (its bias carries the prior init)")
+        check(0 <= self.cb_beta < 1, "cb_beta must be in [0, 1)")
+        check(self.focal_gamma >= 0, "focal_gamma must be >= 0")
+        check(0 < self.prior_init < 1, "prior_init must be in (0, 1)")
 
 
 class CBFocal(ERMCNN):

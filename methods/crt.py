@@ -24,15 +24,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from ltbench.methods.deit import TEACHERS, teacher_config
-from ltbench.methods.erm_cnn import ERMCNN, LARGE_DATASETS, CNNHparams, layered
+from ltbench.methods.erm_cnn import ERMCNN, LARGE_DATASETS, CNNHparams
 from torch import nn
 
-from ltbench import augment
-from ltbench.config import RunConfig, _check
+from ltbench.config import RunConfig, check
 from ltbench.errors import UserError
 from ltbench.method import upstream_reference
-from ltbench.teacher import FrozenTeacher
+from ltbench.resolve import layered
+from ltbench.teacher import TEACHERS, FrozenTeacher, teacher_config
 
 # the stage-1 input pipeline on the large datasets (erm_cnn's), so stage 2 sees the images stage 1 was trained on
 INPUT_PAPER = {name: {"arch": "resnet50", "img_size": 224, "augment": "imagenet", "workers": 16}
@@ -46,7 +45,6 @@ STAGE2_TINY = layered({"*": {**_STAGE2, "epochs": 2, "batch_size": 16, "lr": 0.0
 # Stage 2 is already short; `short` differs from `paper` only in the stage-1 run it uses (that run's `short`).
 STAGE2_PRESETS = {"paper": STAGE2_PAPER, "short": STAGE2_PAPER, "tiny": STAGE2_TINY}
 
-
 @dataclass
 class DecoupledHparams(CNNHparams):
     stage1: str = "erm_cnn"  # the stage-1 recipe: a teacher name of deit/deitlt (erm_cnn, ldam_drw, paco, ..._sam)
@@ -57,13 +55,8 @@ class DecoupledHparams(CNNHparams):
 
     def validate(self) -> None:
         super().validate()
-        _check(self.stage1 in TEACHERS, f"stage1 must be one of {', '.join(sorted(TEACHERS))}, not {self.stage1!r} "
+        check(self.stage1 in TEACHERS, f"stage1 must be one of {', '.join(sorted(TEACHERS))}, not {self.stage1!r} "
                                         f"(or give stage1_run=RUN)")
-        # the engine would refuse these only when stage 2 starts, after stage 1 has trained
-        _check(self.sampler in augment.SAMPLERS, f"sampler must be one of {', '.join(augment.SAMPLERS)}, not "
-                                                 f"{self.sampler!r}")
-        _check(not (self.sampler == "class_balanced" and self.repeated_aug > 1),
-               "sampler=class_balanced cannot be combined with repeated_aug > 1; set repeated_aug=1")
 
 
 class Decoupled(ERMCNN):
@@ -108,7 +101,6 @@ class Decoupled(ERMCNN):
 
     def describe(self) -> dict[str, Any]:
         return {}  # the network is stage 1's backbone plus this head; the run is not a standalone teacher
-
 
 class CRT(Decoupled):
     """cRT: a re-initialised linear classifier trained on the frozen stage-1 features with class-balanced sampling."""

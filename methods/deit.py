@@ -20,22 +20,11 @@ import torch.nn.functional as F
 from ltbench.methods.erm_vit import VIT_PRESETS, ERMViT, ViTHparams
 
 from ltbench import analysis
-from ltbench.config import RunConfig, _check
-from ltbench.errors import UserError
+from ltbench.config import RunConfig, check
 from ltbench.method import upstream_reference
 from ltbench.models import distilled_heads
-from ltbench.teacher import FrozenTeacher
+from ltbench.teacher import TEACHERS, FrozenTeacher, teacher_config
 
-# Teacher names -> (CNN method, trained with SAM). A SAM teacher runs its method's SAM variant of the student's
-# preset (paper -> sam, short -> short_sam, tiny -> tiny_sam), so the radii live in one place, next to each method:
-# LDAM-DRW+SAM as Saddle-LongTail (methods/ldam_drw.py), PaCo+SAM's unpublished radius as methods/paco.py chose.
-TEACHERS: dict[str, tuple[str, bool]] = {
-    "erm_cnn": ("erm_cnn", False),
-    "ldam_drw": ("ldam_drw", False),
-    "ldam_drw_sam": ("ldam_drw", True),
-    "paco": ("paco", False),
-    "paco_sam": ("paco", True),
-}
 FREQUENCY_SORTED = {"imagenetlt": {"sort_by_frequency": True}, "inat2018": {"sort_by_frequency": True}}
 
 
@@ -50,32 +39,9 @@ class DeiTHparams(ViTHparams):
 
     def validate(self) -> None:
         super().validate()
-        _check(self.teacher in TEACHERS, f"teacher must be one of {', '.join(sorted(TEACHERS))}, not "
+        check(self.teacher in TEACHERS, f"teacher must be one of {', '.join(sorted(TEACHERS))}, not "
                                          f"{self.teacher!r} (or give teacher_run=RUN)")
-        _check(0.0 <= self.distillation_alpha <= 1.0, "distillation_alpha must be in [0, 1]")
-
-
-def sam_preset(preset: str) -> str:
-    """The SAM variant of a CNN preset name (already-SAM names are kept)."""
-    if preset == "sam" or preset.endswith("_sam"):
-        return preset
-    return "sam" if preset == "paper" else f"{preset}_sam"
-
-
-def teacher_config(student: RunConfig, teacher: str, preset: str, overrides: tuple[str, ...] = ()) -> RunConfig:
-    """The teacher run a student needs: same dataset, rho and seed, original label order."""
-    from ltbench import stages
-    from ltbench.registry import METHODS
-
-    method, with_sam = TEACHERS[teacher]
-    preset = sam_preset(preset) if with_sam else preset
-    data = {k: v for k, v in student.data.items() if k != "sort_by_frequency"}
-    if preset not in METHODS.get(method).presets:
-        raise UserError(f"The teacher method {method!r} has no preset {preset!r}; set teacher_preset=NAME.")
-    if any(item.startswith("data.") for item in overrides):
-        raise UserError("teacher_overrides cannot change dataset options: a teacher sees the student's data.")
-    return stages.make_config(method, student.dataset, seed=student.seed, preset=preset, data_options=data,
-                              sets=overrides)
+        check(0.0 <= self.distillation_alpha <= 1.0, "distillation_alpha must be in [0, 1]")
 
 
 class DeiT(ERMViT):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ltbench.methods.deit import DeiT, DeiTHparams
 from ltbench.methods.erm_vit import VIT_PRESETS
 
-from ltbench.config import _check
+from ltbench.config import check
 from ltbench.losses import effective_number_weights
 
 
@@ -44,9 +44,9 @@ class DeiTLTHparams(DeiTHparams):
 
     def validate(self) -> None:
         super().validate()
-        _check(0 <= self.drw_epoch < self.epochs, f"drw_epoch ({self.drw_epoch}) must be below epochs "
+        check(0 <= self.drw_epoch < self.epochs, f"drw_epoch ({self.drw_epoch}) must be below epochs "
                                                   f"({self.epochs}); set --set drw_epoch=K")
-        _check(0.0 <= self.drw_beta < 1.0, "drw_beta must be in [0, 1)")
+        check(0.0 <= self.drw_beta < 1.0, "drw_beta must be in [0, 1)")
 
 
 def _with_drw(presets: dict, drw: dict[str, dict[str, int]]) -> dict:

@@ -20,7 +20,7 @@ normalisation, class names) and ``predict`` returns the classifier's logits as `
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +30,9 @@ from torch import nn
 
 from ltbench import augment
 from ltbench.cnn import BACKBONES, CLASSIFIERS, Classifier
-from ltbench.config import TrainHparams, _check
+from ltbench.config import TrainHparams, check
 from ltbench.method import Method
+from ltbench.resolve import layered
 
 AUGMENTS = ("cifar", "imagenet")
 LARGE_DATASETS = ("imagenetlt", "inat2018")
@@ -59,19 +60,10 @@ class CNNHparams(TrainHparams):
 
     def validate(self) -> None:
         super().validate()
-        _check(self.arch in BACKBONES, f"arch must be one of {', '.join(BACKBONES)}, not {self.arch!r}")
-        _check(self.classifier in CLASSIFIERS, f"classifier must be one of {', '.join(CLASSIFIERS)}")
-        _check(self.augment in AUGMENTS, f"augment must be one of {', '.join(AUGMENTS)}, not {self.augment!r}")
-        _check(self.img_size >= 8, "img_size must be >= 8")
-
-
-def layered(*tables: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Merge preset tables key by key ("*" and per-dataset entries); later tables win."""
-    merged: dict[str, dict[str, Any]] = {}
-    for table in tables:
-        for key, values in table.items():
-            merged[key] = {**merged.get(key, {}), **values}
-    return merged
+        check(self.arch in BACKBONES, f"arch must be one of {', '.join(BACKBONES)}, not {self.arch!r}")
+        check(self.classifier in CLASSIFIERS, f"classifier must be one of {', '.join(CLASSIFIERS)}")
+        check(self.augment in AUGMENTS, f"augment must be one of {', '.join(AUGMENTS)}, not {self.augment!r}")
+        check(self.img_size >= 8, "img_size must be >= 8")
 
 
 # Saddle-LongTail's ResNet-50 recipe for ImageNet-LT and iNat (baselines.md §4.4), shared by erm_cnn and ldam_drw.

@@ -24,11 +24,11 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
 from ltbench import augment
-from ltbench.config import TrainHparams, _check
+from ltbench.config import TrainHparams, check
 from ltbench.data import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo
-from ltbench.engine import seed_hash
 from ltbench.method import Method
 from ltbench.models import vit
+from ltbench.seeding import seed_hash
 
 
 @dataclass
@@ -73,12 +73,12 @@ class ViTHparams(TrainHparams):
 
     def validate(self) -> None:
         super().validate()
-        _check(self.img_size % self.patch_size == 0, "img_size must be a multiple of patch_size")
-        _check(self.embed_dim % self.num_heads == 0, "embed_dim must be a multiple of num_heads")
-        _check(0 <= self.smoothing < 1, "smoothing must be in [0, 1)")
-        _check(self.mixup_batch >= 0, "mixup_batch must be >= 0 (0 = one lambda per micro-batch)")
-        _check(self.augment in {"deit", "none"}, f"augment must be deit or none, not {self.augment!r}")
-        _check(self.normalize in {"imagenet", "dataset"}, f"normalize must be imagenet or dataset, not "
+        check(self.img_size % self.patch_size == 0, "img_size must be a multiple of patch_size")
+        check(self.embed_dim % self.num_heads == 0, "embed_dim must be a multiple of num_heads")
+        check(0 <= self.smoothing < 1, "smoothing must be in [0, 1)")
+        check(self.mixup_batch >= 0, "mixup_batch must be >= 0 (0 = one lambda per micro-batch)")
+        check(self.augment in {"deit", "none"}, f"augment must be deit or none, not {self.augment!r}")
+        check(self.normalize in {"imagenet", "dataset"}, f"normalize must be imagenet or dataset, not "
                                                           f"{self.normalize!r}")
 
     def inert_fields(self) -> tuple[str, ...]:

@@ -19,10 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from ltbench.methods.erm_cnn import ERMCNN, LARGE_DATASETS, SADDLE_LARGE, SHORT, TINY, CNNHparams, layered
+from ltbench.methods.erm_cnn import ERMCNN, LARGE_DATASETS, SADDLE_LARGE, SHORT, TINY, CNNHparams
 
-from ltbench.config import _check
+from ltbench.config import check
 from ltbench.losses import effective_number_weights, ldam_loss, ldam_margins
+from ltbench.resolve import layered
 
 
 @dataclass
@@ -37,11 +38,11 @@ class LDAMHparams(CNNHparams):
 
     def validate(self) -> None:
         super().validate()
-        _check(self.classifier == "normed", "ldam_drw needs classifier=normed (LDAM's margins are on cosine logits)")
-        _check(self.max_m >= 0, "max_m must be >= 0")
-        _check(self.scale > 0, "scale must be > 0")
-        _check(self.drw_epoch >= 0, "drw_epoch must be >= 0 (set it >= epochs to switch DRW off)")
-        _check(0 <= self.drw_beta < 1, "drw_beta must be in [0, 1)")
+        check(self.classifier == "normed", "ldam_drw needs classifier=normed (LDAM's margins are on cosine logits)")
+        check(self.max_m >= 0, "max_m must be >= 0")
+        check(self.scale > 0, "scale must be > 0")
+        check(self.drw_epoch >= 0, "drw_epoch must be >= 0 (set it >= epochs to switch DRW off)")
+        check(0 <= self.drw_beta < 1, "drw_beta must be in [0, 1)")
 
 
 _LDAM_LARGE = {name: {"max_m": 0.3, "drw_epoch": 60} for name in LARGE_DATASETS}

@@ -38,11 +38,12 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ltbench import augment
-from ltbench.config import RunConfig, _check
+from ltbench.config import RunConfig, check
 from ltbench.errors import UserError
 from ltbench.losses import balanced_bce_loss, log_prior
 from ltbench.method import upstream_reference
 from ltbench.models import vit
+from ltbench.resolve import make_config
 
 # MAE pretraining on top of each ViT preset's encoder: no label mixing, no RandAugment, no drop path or EMA
 _MGP_COMMON = {"optimizer": "adamw", "lr_base_batch": 256, "lr_scale_batch": 0, "weight_decay": 0.05,
@@ -83,8 +84,8 @@ class MGPHparams(ViTHparams):
 
     def validate(self) -> None:
         super().validate()
-        _check(0.0 < self.mask_ratio < 1.0, "mask_ratio must be in (0, 1)")
-        _check(self.decoder_dim % self.decoder_heads == 0, "decoder_dim must be a multiple of decoder_heads")
+        check(0.0 < self.mask_ratio < 1.0, "mask_ratio must be in (0, 1)")
+        check(self.decoder_dim % self.decoder_heads == 0, "decoder_dim must be a multiple of decoder_heads")
 
 
 class MaskedAutoencoder(nn.Module):
@@ -190,8 +191,8 @@ class LiVTHparams(ViTHparams):
 
     def validate(self) -> None:
         super().validate()
-        _check(self.bal_tau >= 0, "bal_tau must be >= 0")
-        _check(0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]")
+        check(self.bal_tau >= 0, "bal_tau must be >= 0")
+        check(0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]")
 
 
 # the encoder settings a fine-tuning run must share with its MGP run
@@ -206,10 +207,8 @@ class LiVT(ERMViT):
 
     @classmethod
     def requires(cls, config: RunConfig) -> dict[str, RunConfig | str]:
-        from ltbench import stages
-
         encoder = [f"{key}={config.hparams[key]}" for key in _ENCODER_FIELDS]
-        return upstream_reference(config, "pretrain", lambda preset, overrides: stages.make_config(
+        return upstream_reference(config, "pretrain", lambda preset, overrides: make_config(
             "livt_mgp", config.dataset, seed=config.seed, preset=preset, data_options=config.data,
             sets=[*encoder, *overrides]))
 

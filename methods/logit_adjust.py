@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from ltbench.methods.erm_cnn import ERMCNN, CNNHparams
 
-from ltbench.config import _check
+from ltbench.config import check
 from ltbench.losses import log_prior, logit_adjusted_loss
 
 # The CNN presets without the SAM variants: no published radius exists for these losses.
@@ -31,7 +31,7 @@ class LogitAdjustHparams(CNNHparams):
 
     def validate(self) -> None:
         super().validate()
-        _check(self.tau >= 0, "tau must be >= 0 (0 is plain cross-entropy)")
+        check(self.tau >= 0, "tau must be >= 0 (0 is plain cross-entropy)")
 
 
 class LogitAdjust(ERMCNN):

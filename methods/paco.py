@@ -39,13 +39,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from ltbench.methods.erm_cnn import ERMCNN, LARGE_DATASETS, TINY, CNNHparams, layered
+from ltbench.methods.erm_cnn import ERMCNN, LARGE_DATASETS, TINY, CNNHparams
 from torch import nn
 
 from ltbench import augment
 from ltbench.cnn import backbone
-from ltbench.config import _check
+from ltbench.config import check
 from ltbench.losses import paco_loss
+from ltbench.resolve import layered
 
 
 @dataclass
@@ -71,12 +72,12 @@ class PaCoHparams(CNNHparams):
 
     def validate(self) -> None:
         super().validate()
-        _check(self.classifier == "linear", "paco's class centres are a linear classifier (classifier=linear)")
-        _check(self.moco_dim >= 1, "moco_dim must be >= 1")
-        _check(self.moco_k >= self.batch_size, "moco_k (the queue length) must be >= batch_size")
-        _check(0 <= self.moco_m < 1, "moco_m must be in [0, 1)")
-        _check(self.temperature > 0, "temperature must be > 0")
-        _check(min(self.alpha, self.beta, self.gamma) >= 0 and self.alpha + self.beta > 0,
+        check(self.classifier == "linear", "paco's class centres are a linear classifier (classifier=linear)")
+        check(self.moco_dim >= 1, "moco_dim must be >= 1")
+        check(self.moco_k >= self.batch_size, "moco_k (the queue length) must be >= batch_size")
+        check(0 <= self.moco_m < 1, "moco_m must be in [0, 1)")
+        check(self.temperature > 0, "temperature must be > 0")
+        check(min(self.alpha, self.beta, self.gamma) >= 0 and self.alpha + self.beta > 0,
                "alpha, beta and gamma must be >= 0, and alpha + beta > 0")
 
 

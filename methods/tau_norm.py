@@ -16,11 +16,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from ltbench.methods.crt import INPUT_PAPER, INPUT_TINY, Decoupled, DecoupledHparams
-from ltbench.methods.erm_cnn import layered
 from torch import nn
 
-from ltbench.config import _check
+from ltbench.config import check
 from ltbench.errors import UserError
+from ltbench.resolve import layered
 
 
 @dataclass
@@ -33,11 +33,11 @@ class TauNormHparams(DecoupledHparams):
 
     def validate(self) -> None:
         # first, so that --epochs N gets this message rather than one about an inherited schedule field
-        _check(self.epochs == 0, f"tau_norm trains nothing (it rescales the stage-1 classifier), so --epochs does not "
+        check(self.epochs == 0, f"tau_norm trains nothing (it rescales the stage-1 classifier), so --epochs does not "
                                  f"apply: leave it out (epochs must be 0, not {self.epochs}); the stage-1 run's "
                                  f"epochs are set with --set stage1_overrides=epochs=N")
         super().validate()
-        _check(self.tau >= 0, "tau must be >= 0 (0 is the stage-1 classifier without its bias)")
+        check(self.tau >= 0, "tau must be >= 0 (0 is the stage-1 classifier without its bias)")
 
 
 class NormalisedClassifier(nn.Module):

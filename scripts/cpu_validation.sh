@@ -20,7 +20,7 @@ run() { local name=$1; shift; local s; s=$(date +%s)
 
 run ldam_drw_sam --method ldam_drw --preset short_sam "${CNN[@]}" &
 ( run ldam_drw --method ldam_drw --preset short "${CNN[@]}"; run erm_cnn --method erm_cnn --preset short "${CNN[@]}" ) &
-teacher=$(python -c "from ltbench import stages; print(stages.make_config('ldam_drw', 'cifar10lt', rho=100, preset='short').run_id)")
+teacher=$(python -c "from ltbench.resolve import make_config; print(make_config('ldam_drw', 'cifar10lt', rho=100, preset='short').run_id)")
 while [ ! -f "$RES/runs/$teacher/DONE" ]; do sleep 20; done
 run erm_vit --method erm_vit --preset tiny --epochs 20 &
 run deitlt --method deitlt --preset tiny --epochs 20 --set drw_epoch=16 --set teacher_run="$teacher" &

@@ -15,16 +15,16 @@ import numpy as np
 import torch
 from ltbench.datasets.cifar_lt import load_cifar_pickle
 
-from ltbench import stages
+from ltbench import resolve, stages
 from ltbench.data import IMAGENET_MEAN, IMAGENET_STD
-from ltbench.engine import Runtime
 from ltbench.method import Upstream
 from ltbench.records import run_record
+from ltbench.runtime import Runtime
 from ltbench.teacher import FrozenTeacher
 
 
 def main(results: Path, data_root: Path, method: str = "ldam_drw", preset: str = "short") -> None:
-    config = stages.make_config(method, "cifar10lt", rho=100, preset=preset)
+    config = resolve.make_config(method, "cifar10lt", rho=100, preset=preset)
     info = stages.load_data(config, Runtime(results=results, data_root=data_root, device="cpu")).info
     teacher = FrozenTeacher(Upstream(config, run_record(results, config)), info, torch.device("cpu"))
     batch = load_cifar_pickle(data_root / "cifar-10-batches-py" / "test_batch")

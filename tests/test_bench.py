@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ltbench import stages
+from ltbench import resolve
 from ltbench.models import vit
 from tests.conftest import set_args
 
@@ -23,7 +23,7 @@ def _bench(cli, tmp_path, method: str, *extra: str) -> dict:
 
 
 def _forward_flops_per_image(config) -> float:
-    hp = stages.hparams_of(config)
+    hp = resolve.hparams_of(config)
     model = vit(num_classes=4, img_size=hp.img_size, patch_size=hp.patch_size, embed_dim=hp.embed_dim,
                 depth=hp.depth, num_heads=hp.num_heads)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -41,7 +41,7 @@ def test_bench_reports_every_measurement(cli, tmp_path):
     assert 0 <= report["data_wait_fraction"] <= 1
     assert report["step_s_end_to_end"] == pytest.approx(32 / e2e, rel=1e-6)
     # the counted step is one forward and one backward (about twice the forward) of the student
-    forward = _forward_flops_per_image(stages.make_config("erm_vit", "synthetic", preset="tiny", sets=SMALL_DATA))
+    forward = _forward_flops_per_image(resolve.make_config("erm_vit", "synthetic", preset="tiny", sets=SMALL_DATA))
     assert 2.5 * forward < report["flops_per_image"] < 3.5 * forward
     assert report["tflops_end_to_end"] == pytest.approx(report["flops_per_image"] * e2e / 1e12)
     assert report["peak_gpu_memory_gib"] is None

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from ltbench import augment, stages
-from ltbench.engine import Runtime, Trainer, _group
+from ltbench import augment, resolve, stages
+from ltbench.engine import Trainer, group_steps
 from ltbench.losses import effective_number_weights
 from ltbench.records import run_record
-from ltbench.registry import EVALUATORS, METHODS
+from ltbench.registry import METHODS
+from ltbench.runtime import Runtime
+from ltbench.stages import build_trainer
 
 CNN_METHODS = ("erm_cnn", "ldam_drw", "paco")
 
@@ -26,19 +28,18 @@ def _runtime(path, **kw) -> Runtime:
 def trained(request, tmp_path_factory):
     """A one-epoch tiny run on a small `synthetic` set (10 classes, rho 10), test logits saved."""
     base = tmp_path_factory.mktemp(request.param)
-    config = stages.make_config(request.param, "synthetic", preset="tiny", epochs=1,
+    config = resolve.make_config(request.param, "synthetic", preset="tiny", epochs=1,
                                 sets=["data.n_max=40", "data.n_test=3"])
     return stages.ensure(config, _runtime(base / "run", save_logits=True)), base
 
 
 def fixed_batch_losses(tmp_path, method: str, steps: int, sets: list[str]) -> list[float]:
     """The training loss of ``steps`` engine steps, all on the same first batch of epoch 0."""
-    config = stages.make_config(method, "synthetic", preset="tiny", sets=sets)
+    config = resolve.make_config(method, "synthetic", preset="tiny", sets=sets)
     runtime = _runtime(tmp_path)
-    trainer = Trainer(config, stages.hparams_of(config), METHODS.get(method), stages.load_data(config, runtime),
-                      EVALUATORS.get("longtail")(), run_record(tmp_path, config), runtime, {})
+    trainer = build_trainer(config, runtime, {}, record=run_record(tmp_path, config))
     loader = trainer._train_batches(0)
-    batch = next(_group(loader, loader.batch_sampler.group_sizes))
+    batch = next(group_steps(loader, loader.batch_sampler.group_sizes))
     trainer.method.on_epoch_start(0)
     trainer.method.trainable().train()
     return [float(trainer.step(batch, 0)["loss"]) for _ in range(steps)]
@@ -62,7 +63,7 @@ def test_training_fits_a_fixed_batch(method, tmp_path):
 
 @pytest.mark.parametrize("method", CNN_METHODS)
 def test_resumed_run_equals_uninterrupted(method, tmp_path):
-    config = stages.make_config(method, "synthetic", preset="tiny",
+    config = resolve.make_config(method, "synthetic", preset="tiny",
                                 sets=["data.n_max=40", "data.n_test=3", "batch_size=16"])
     full = stages.ensure(config, _runtime(tmp_path / "full"))
     partial = stages.ensure(config, _runtime(tmp_path / "resumed", stop_after_epochs=1))
@@ -88,7 +89,7 @@ def test_run_folder_rebuilds_the_teacher_with_identical_logits(trained):
     assert spec["mean"] == list(info.mean) and spec["std"] == list(info.std) and spec["label_space"] == "dataset"
     assert spec["class_names"] == list(info.class_names)
     # what a generic loader does: method class from the registry, hyperparameters from config.json, checkpoint modules
-    method = METHODS.get(record_config.method)(stages.hparams_of(record_config), info, torch.device("cpu"), {})
+    method = METHODS.get(record_config.method)(resolve.hparams_of(record_config), info, torch.device("cpu"), {})
     modules = full.load_checkpoint()["modules"]
     assert sorted(modules) == spec["modules"]
     for name, module in method.state_modules().items():
@@ -107,12 +108,11 @@ def test_run_folder_rebuilds_the_teacher_with_identical_logits(trained):
 
 def _trainer(tmp_path, method: str, preset: str, dataset_preset: str | None = None, **overrides) -> Trainer:
     """A Trainer on `synthetic` with ``method``'s ``preset`` resolved for ``dataset_preset`` (e.g. imagenetlt)."""
-    config = stages.make_config(method, "synthetic", preset="tiny")
-    hp = stages.resolve_hparams(METHODS.get(method), preset, dataset_preset or "synthetic", None,
+    config = resolve.make_config(method, "synthetic", preset="tiny")
+    hp = resolve.resolve_hparams(METHODS.get(method), preset, dataset_preset or "synthetic", None,
                                 {"arch": "resnet32", "img_size": 32, "augment": "cifar", **overrides})
     runtime = _runtime(tmp_path)
-    return Trainer(config, hp, METHODS.get(method), stages.load_data(config, runtime), EVALUATORS.get("longtail")(),
-                   run_record(tmp_path, config), runtime, {})
+    return build_trainer(config, runtime, {}, record=run_record(tmp_path, config), hp=hp)
 
 
 def _lrs(trainer: Trainer) -> list[float]:
@@ -171,9 +171,9 @@ def test_short_preset_is_the_paper_schedule_at_a_quarter_of_the_epochs(tmp_path)
 
 
 def _method(name: str, preset: str = "tiny", **sets):
-    config = stages.make_config(name, "synthetic", preset=preset, sets=[f"{k}={v}" for k, v in sets.items()])
+    config = resolve.make_config(name, "synthetic", preset=preset, sets=[f"{k}={v}" for k, v in sets.items()])
     data = stages.load_data(config, _runtime(None))
-    return METHODS.get(name)(stages.hparams_of(config), data.info, torch.device("cpu"), {}), data
+    return METHODS.get(name)(resolve.hparams_of(config), data.info, torch.device("cpu"), {}), data
 
 
 def test_ldam_drw_switches_weights_at_drw_epoch_and_predicts_scaled_cosines():
@@ -249,7 +249,7 @@ def test_cutout_zeroes_one_square():
 
 
 def _hp(method: str, preset: str, dataset: str):
-    return stages.resolve_hparams(METHODS.get(method), preset, dataset, None, {})
+    return resolve.resolve_hparams(METHODS.get(method), preset, dataset, None, {})
 
 
 def test_paper_presets_hold_the_published_recipes():

@@ -9,11 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ltbench import stages
-from ltbench.engine import Runtime, Trainer
+from ltbench import resolve
+from ltbench.engine import Trainer
 from ltbench.losses import effective_number_weights
 from ltbench.records import run_record
-from ltbench.registry import EVALUATORS, METHODS
+from ltbench.registry import METHODS
+from ltbench.runtime import Runtime
+from ltbench.stages import build_trainer
 
 SMALL = ["data.num_classes=4", "data.n_max=64", "data.rho=4", "data.n_test=2", "data.image_size=16", "lr=0.05"]
 
@@ -23,10 +25,9 @@ def _runtime(path) -> Runtime:
 
 
 def _trainer(method: str, tmp_path, sets=()) -> Trainer:
-    config = stages.make_config(method, "synthetic", preset="tiny", sets=[*SMALL, *sets])
+    config = resolve.make_config(method, "synthetic", preset="tiny", sets=[*SMALL, *sets])
     runtime = _runtime(tmp_path)
-    return Trainer(config, stages.hparams_of(config), METHODS.get(method), stages.load_data(config, runtime),
-                   EVALUATORS.get("longtail")(), run_record(tmp_path, config), runtime, {})
+    return build_trainer(config, runtime, {}, record=run_record(tmp_path, config))
 
 
 def _fixed_batch(trainer: Trainer, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +66,7 @@ def test_cb_focal_weights_and_prior_initialised_bias(tmp_path):
 
 
 def _hp(method: str, preset: str, dataset: str):
-    return stages.resolve_hparams(METHODS.get(method), preset, dataset, None, {})
+    return resolve.resolve_hparams(METHODS.get(method), preset, dataset, None, {})
 
 
 @pytest.mark.parametrize("method", ["logit_adjust", "balanced_softmax", "cb_focal"])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from ltbench import stages
+from ltbench import resolve, stages
 from ltbench.config import TrainHparams, apply_overrides, parse_set_options
 from ltbench.errors import UserError
 from ltbench.registry import DATASETS, METHODS, Registry
+from ltbench.runtime import Runtime
 
 
 def test_set_values_are_coerced_to_field_types():
@@ -29,18 +32,19 @@ def test_mistyped_value_is_an_error():
 
 
 def test_preset_resolution_order_and_run_id():
-    base = stages.make_config("erm_vit", "synthetic", preset="tiny")
+    base = resolve.make_config("erm_vit", "synthetic", preset="tiny")
     assert base.hparams["embed_dim"] == 64 and base.hparams["epochs"] == 10
-    cfg = stages.make_config("erm_vit", "synthetic", preset="tiny", epochs=3, sets=["epochs=4", "data.num_classes=5"])
+    cfg = resolve.make_config("erm_vit", "synthetic", preset="tiny", epochs=3, sets=["epochs=4", "data.num_classes=5"])
     assert cfg.hparams["epochs"] == 4 and cfg.data["num_classes"] == 5
-    again = stages.make_config("erm_vit", "synthetic", preset="tiny", epochs=3, sets=["epochs=4", "data.num_classes=5"])
+    again = resolve.make_config("erm_vit", "synthetic", preset="tiny", epochs=3,
+                                sets=["epochs=4", "data.num_classes=5"])
     assert cfg.run_id == again.run_id and cfg.run_id != base.run_id
-    assert stages.make_config("erm_vit", "synthetic", preset="tiny", seed=1).run_id != base.run_id
+    assert resolve.make_config("erm_vit", "synthetic", preset="tiny", seed=1).run_id != base.run_id
 
 
 def test_paper_preset_matches_deitlt_recipe():
-    cfg = stages.make_config("erm_vit", "cifar10lt", rho=100)
-    hp = stages.hparams_of(cfg)
+    cfg = resolve.make_config("erm_vit", "cifar10lt", rho=100)
+    hp = resolve.hparams_of(cfg)
     assert (hp.img_size, hp.patch_size, hp.embed_dim, hp.depth, hp.num_heads) == (224, 16, 768, 12, 12)
     assert (hp.batch_size, hp.epochs, hp.repeated_aug, hp.warmup_epochs) == (1024, 1200, 3, 5)
     assert hp.effective_lr() == pytest.approx(2.5e-4)  # 5e-4 x 256 / 512, accumulation excluded (deitlt.md §4.1)
@@ -50,9 +54,9 @@ def test_paper_preset_matches_deitlt_recipe():
 
 def test_bad_rho_and_preset_and_names():
     with pytest.raises(UserError, match="rho must be >= 1"):
-        stages.make_config("erm_vit", "cifar10lt", rho=0.5)
+        resolve.make_config("erm_vit", "cifar10lt", rho=0.5)
     with pytest.raises(UserError, match="no preset 'huge'"):
-        stages.make_config("erm_vit", "cifar10lt", preset="huge")
+        resolve.make_config("erm_vit", "cifar10lt", preset="huge")
     with pytest.raises(UserError, match="Did you mean 'erm_vit'"):
         METHODS.get("erm_vti")
     with pytest.raises(UserError, match="Unknown dataset"):
@@ -91,21 +95,64 @@ def test_runtime_options_never_change_the_run_id(tmp_path):
     from ltbench.records import RunRecord
 
     def run_id(*sets: str, method: str = "erm_cnn") -> str:
-        return stages.make_config(method, "synthetic", preset="tiny", sets=list(sets)).run_id
+        return resolve.make_config(method, "synthetic", preset="tiny", sets=list(sets)).run_id
 
     base = run_id()
     assert run_id("workers=3") == run_id("workers=0") == base != run_id("lr=0.5")
     # a student's teacher_overrides are resolved by the same rule
     assert run_id("teacher_overrides=workers=0", method="deitlt") == run_id(method="deitlt")
     # a partial run started with other workers resumes: its config.json still matches the run id
-    first = stages.make_config("erm_cnn", "synthetic", preset="tiny", sets=["workers=0"])
+    first = resolve.make_config("erm_cnn", "synthetic", preset="tiny", sets=["workers=0"])
     record = RunRecord(tmp_path / first.run_id)
-    stages._write_metadata(first, record, stages.Runtime(results=tmp_path, data_root=tmp_path))
-    stages._write_metadata(stages.make_config("erm_cnn", "synthetic", preset="tiny", sets=["workers=3"]), record,
-                           stages.Runtime(results=tmp_path, data_root=tmp_path))
+    stages._write_metadata(first, record, Runtime(results=tmp_path, data_root=tmp_path))
+    stages._write_metadata(resolve.make_config("erm_cnn", "synthetic", preset="tiny", sets=["workers=3"]), record,
+                           Runtime(results=tmp_path, data_root=tmp_path))
 
 
 @pytest.mark.parametrize("key", ["device", "micro_batch", "compile"])
 def test_runtime_option_given_with_set_names_its_option(key):
     with pytest.raises(UserError, match=f"runtime option.*--{key.replace('_', '-')}"):
-        stages.make_config("erm_cnn", "synthetic", preset="tiny", sets=[f"{key}=1"])
+        resolve.make_config("erm_cnn", "synthetic", preset="tiny", sets=[f"{key}=1"])
+
+
+def test_engine_hooks_are_declared_and_recorded_only_when_set():
+    from ltbench.config import hparams_dict
+
+    base = resolve.make_config("erm_cnn", "synthetic", preset="tiny")
+    assert "nesterov" not in base.hparams and "sampler" not in base.hparams  # ids of schema-1 runs are kept
+    nesterov = resolve.make_config("erm_cnn", "synthetic", preset="tiny", sets=["nesterov=true"])
+    assert nesterov.hparams["nesterov"] is True and nesterov.run_id != base.run_id
+    assert resolve.hparams_of(nesterov).nesterov is True
+    assert resolve.make_config("crt", "synthetic", preset="tiny").hparams["sampler"] == "class_balanced"
+    assert "drop_last" in resolve.make_config("erm_vit", "synthetic", preset="tiny").hparams  # its own field
+    assert set(hparams_dict(TrainHparams())) <= {f for f in TrainHparams.__dataclass_fields__}
+    with pytest.raises(UserError, match="sampler must be one of"):
+        resolve.make_config("erm_cnn", "synthetic", preset="tiny", sets=["sampler=oversample"])
+
+
+def test_nesterov_reaches_the_optimizer(tmp_path):
+    from ltbench.stages import build_trainer
+
+    config = resolve.make_config("erm_cnn", "synthetic", preset="tiny", sets=["nesterov=true", "arch=resnet8",
+                                                                             "data.n_max=20", "data.n_test=2"])
+    runtime = Runtime(results=tmp_path, data_root=tmp_path, device="cpu", progress=False, echo=lambda *_: None)
+    trainer = build_trainer(config, runtime)
+    assert all(group["nesterov"] for group in trainer.optimizer.param_groups)
+
+
+@pytest.mark.parametrize("options", [{"augment_on": "gpu"}, {"compile_mode": "fastest"}, {"log": ("neptune",)},
+                                     {"micro_batch": -1}, {"threads": 0}])
+def test_impossible_runtime_options_are_refused_when_the_runtime_is_made(tmp_path, options):
+    with pytest.raises(UserError):
+        Runtime(results=tmp_path, data_root=tmp_path, **options)
+
+
+def test_runtime_options_have_one_source():
+    from ltbench.runtime import RUNTIME_OPTIONS, suite_keys
+
+    assert {"workers", "threads", "device", "compile", "compile_mode", "micro_batch", "augment_on", "log"} <= \
+        RUNTIME_OPTIONS
+    assert set(suite_keys()) <= RUNTIME_OPTIONS
+    runtime = Runtime(results=Path("r"), data_root=Path("d"), compile_mode="reduce-overhead", workers=3)
+    again = Runtime.from_portable(runtime.portable())
+    assert again.compile and again.workers == 3 and again.compile_mode == "reduce-overhead"

@@ -8,11 +8,13 @@ from collections import Counter
 import pytest
 import torch
 
-from ltbench import augment, stages
-from ltbench.engine import Runtime, Trainer
+from ltbench import augment, resolve, stages
+from ltbench.engine import Trainer
 from ltbench.errors import UserError
 from ltbench.records import run_record
-from ltbench.registry import EVALUATORS, METHODS
+from ltbench.registry import METHODS
+from ltbench.runtime import Runtime
+from ltbench.stages import build_trainer
 
 from .conftest import set_args
 
@@ -26,15 +28,14 @@ def _runtime(results, **options) -> Runtime:
 
 
 def _config(method: str, *extra: str):
-    return stages.make_config(method, "synthetic", preset="tiny", sets=[*DATA, STAGE1, "batch_size=16", *extra])
+    return resolve.make_config(method, "synthetic", preset="tiny", sets=[*DATA, STAGE1, "batch_size=16", *extra])
 
 
 def _trainer(method: str, results, *extra: str, **runtime_options) -> Trainer:
     config = _config(method, *extra)
     runtime = _runtime(results, **runtime_options)
     upstream = stages.resolve_upstream(config, runtime, train=True)
-    return Trainer(config, stages.hparams_of(config), METHODS.get(method), stages.load_data(config, runtime),
-                   EVALUATORS.get("longtail")(), run_record(results, config), runtime, upstream)
+    return build_trainer(config, runtime, upstream, record=run_record(results, config))
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltbench import stages
-from ltbench.engine import Runtime, Trainer
-from ltbench.evaluate import LongTailEvaluator
+from ltbench import resolve, stages
 from ltbench.models import distilled_heads
 from ltbench.registry import METHODS
+from ltbench.runtime import Runtime
+from ltbench.stages import build_trainer
 from tests.conftest import FAST_VIT
 
 DATA = ["data.n_max=48", "data.n_test=4", "data.num_classes=4", "data.rho=8"]
@@ -28,12 +28,11 @@ def results(tmp_path_factory):
 
 
 def _trainer(results, method="deitlt", extra=(), **runtime_options):
-    config = stages.make_config(method, "synthetic", preset="tiny", epochs=3, sets=[*STUDENT, "drw_epoch=2", *extra]
+    config = resolve.make_config(method, "synthetic", preset="tiny", epochs=3, sets=[*STUDENT, "drw_epoch=2", *extra]
                                 if method == "deitlt" else [*STUDENT, *extra])
     runtime = _runtime(results, **runtime_options)
     upstream = stages.resolve_upstream(config, runtime, train=True)
-    return Trainer(config, stages.hparams_of(config), METHODS.get(method), stages.load_data(config, runtime),
-                   LongTailEvaluator(), None, runtime, upstream)
+    return build_trainer(config, runtime, upstream)
 
 
 def _batch(method, n=8):
@@ -113,8 +112,8 @@ def test_teacher_is_frozen_in_eval_mode(results):
 
 def test_teacher_stage_trains_once_and_is_reused(results):
     runtime = _runtime(results / "stage")
-    first = stages.make_config("deitlt", "synthetic", preset="tiny", epochs=2, sets=[*STUDENT, "drw_epoch=1"])
-    second = stages.make_config("deit", "synthetic", preset="tiny", epochs=1, sets=STUDENT)
+    first = resolve.make_config("deitlt", "synthetic", preset="tiny", epochs=2, sets=[*STUDENT, "drw_epoch=1"])
+    second = resolve.make_config("deit", "synthetic", preset="tiny", epochs=1, sets=STUDENT)
     assert METHODS.get("deitlt").requires(first) == METHODS.get("deit").requires(second)
     record = stages.ensure(first, runtime)
     teacher_cfg = METHODS.get("deitlt").requires(first)["teacher"]
@@ -137,9 +136,9 @@ def test_teacher_stage_trains_once_and_is_reused(results):
 def test_teacher_run_by_reference(results):
     runtime = _runtime(results / "stage")
     teacher_cfg = METHODS.get("deitlt").requires(
-        stages.make_config("deitlt", "synthetic", preset="tiny", epochs=2, sets=[*STUDENT, "drw_epoch=1"]))["teacher"]
+        resolve.make_config("deitlt", "synthetic", preset="tiny", epochs=2, sets=[*STUDENT, "drw_epoch=1"]))["teacher"]
     teacher = stages.ensure(teacher_cfg, runtime)
-    cfg = stages.make_config("deitlt", "synthetic", preset="tiny", epochs=2,
+    cfg = resolve.make_config("deitlt", "synthetic", preset="tiny", epochs=2,
                              sets=[*STUDENT, "drw_epoch=1", f"teacher_run={teacher.run_id}"])
     upstream = stages.resolve_upstream(cfg, runtime, train=False)
     assert upstream["teacher"].record.path == teacher.path
@@ -155,7 +154,7 @@ def test_drw_epoch_must_be_inside_the_schedule():
     from ltbench.errors import UserError
 
     with pytest.raises(UserError, match="drw_epoch"):  # an explicit value is kept as given, then checked
-        stages.make_config("deitlt", "cifar10lt", rho=100, epochs=50, sets=["drw_epoch=60"])
+        resolve.make_config("deitlt", "cifar10lt", rho=100, epochs=50, sets=["drw_epoch=60"])
 
 
 @pytest.mark.parametrize(("student_preset", "dataset", "teacher_preset", "sam"), [
@@ -167,9 +166,9 @@ def test_drw_epoch_must_be_inside_the_schedule():
 def test_sam_teacher_is_the_cnn_methods_own_sam_preset(student_preset, dataset, teacher_preset, sam):
     """A student's SAM teacher is exactly `ltbench run --method ldam_drw --preset <SAM variant>` (same run id)."""
     rho = 100 if dataset == "cifar10lt" else None
-    student = stages.make_config("deitlt", dataset, rho=rho, preset=student_preset, sets=["teacher=ldam_drw_sam"])
+    student = resolve.make_config("deitlt", dataset, rho=rho, preset=student_preset, sets=["teacher=ldam_drw_sam"])
     teacher = METHODS.get("deitlt").requires(student)["teacher"]
-    direct = stages.make_config("ldam_drw", dataset, rho=rho, preset=teacher_preset)
+    direct = resolve.make_config("ldam_drw", dataset, rho=rho, preset=teacher_preset)
     assert (teacher.method, teacher.preset, teacher.run_id) == ("ldam_drw", teacher_preset, direct.run_id)
     assert {k: teacher.hparams[k] for k in sam} == {k: list(v) if isinstance(v, tuple) else v for k, v in sam.items()}
 

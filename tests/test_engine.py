@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from ltbench import stages
-from ltbench.engine import Runtime
+from ltbench import resolve, stages
 from ltbench.records import run_record
+from ltbench.runtime import Runtime
+from ltbench.stages import build_trainer
 from tests.conftest import FAST_VIT
 
 SETS = [*FAST_VIT, "data.n_max=60", "data.n_test=6", "data.num_classes=4", "batch_size=32", "eval_every=1"]
@@ -21,7 +22,7 @@ def _runtime(tmp_path, **kw) -> Runtime:
 
 
 def _config(epochs=3):
-    return stages.make_config("erm_vit", "synthetic", preset="tiny", epochs=epochs, sets=SETS + ["mixup=0.8"])
+    return resolve.make_config("erm_vit", "synthetic", preset="tiny", epochs=epochs, sets=SETS + ["mixup=0.8"])
 
 
 def test_run_folder_contents(tmp_path):
@@ -67,7 +68,7 @@ def test_same_config_is_a_no_op(tmp_path):
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     """Micro-batches x accumulation = the same update as the whole batch (a ViT has no BatchNorm)."""
-    config = stages.make_config("erm_vit", "synthetic", preset="tiny", epochs=1,
+    config = resolve.make_config("erm_vit", "synthetic", preset="tiny", epochs=1,
                                 sets=SETS + ["drop_last=false", "sched=multistep", "warmup_epochs=0", "optimizer=sgd"])
     one = stages.ensure(config, _runtime(tmp_path / "one"))
     accum = stages.ensure(config, _runtime(tmp_path / "accum", micro_batch=8))
@@ -77,7 +78,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 def test_device_input_pipeline_runs_and_resumes_identically(tmp_path):
     """In-memory data augmented as batched tensor ops (the GPU path), exercised on the CPU."""
-    config = stages.make_config("erm_vit", "synthetic", preset="tiny", epochs=2,
+    config = resolve.make_config("erm_vit", "synthetic", preset="tiny", epochs=2,
                                 sets=["workers=0", "data.n_max=40", "data.n_test=4", "data.num_classes=4",
                                       "batch_size=16"])
     full = stages.ensure(config, _runtime(tmp_path / "a", augment_on="device"))
@@ -88,8 +89,7 @@ def test_device_input_pipeline_runs_and_resumes_identically(tmp_path):
 
 
 def test_default_eval_interval_keeps_evaluation_within_five_percent():
-    from ltbench.config import TrainHparams
-    from ltbench.engine import eval_interval
+    from ltbench.config import TrainHparams, eval_interval
 
     plain, sam = TrainHparams(), TrainHparams(sam_rho=0.8)
     # CIFAR-10-LT rho=100: 97 steps x 128 images per epoch, 10,000 test images
@@ -103,7 +103,7 @@ def test_default_eval_interval_keeps_evaluation_within_five_percent():
 
 def test_automatic_interval_evaluates_on_schedule_and_at_the_end(tmp_path):
     sets = [s for s in SETS if s != "eval_every=1"] + ["data.n_test=40"]
-    config = stages.make_config("erm_vit", "synthetic", preset="tiny", epochs=5, sets=sets)
+    config = resolve.make_config("erm_vit", "synthetic", preset="tiny", epochs=5, sets=sets)
     record = stages.ensure(config, _runtime(tmp_path))
     # 105 training images (ViTs train the last partial batch: 4 steps of 32), 160 test: ceil(160 / (0.05 * 3 * 128)) = 9
     assert record.result()["eval_every"] == 9
@@ -112,11 +112,8 @@ def test_automatic_interval_evaluates_on_schedule_and_at_the_end(tmp_path):
 
 def test_compiled_steps_match_eager_ones(tmp_path):
     """--compile (here the CUDA-graph mode, which compiles without graphs off the GPU) trains like eager."""
-    from ltbench.engine import Trainer
-    from ltbench.evaluate import LongTailEvaluator
-    from ltbench.registry import METHODS
 
-    config = stages.make_config("erm_cnn", "synthetic", preset="tiny", sets=[
+    config = resolve.make_config("erm_cnn", "synthetic", preset="tiny", sets=[
         "data.n_max=60", "data.n_test=6", "data.num_classes=4", "sam_rho=0.05", "ema_decay=0.5",  # SAM: 2 passes
         "arch=resnet8"])  # ResNet-32's compilation alone took 50 s on a cold inductor cache
     data = stages.load_data(config, _runtime(tmp_path))
@@ -124,8 +121,7 @@ def test_compiled_steps_match_eager_ones(tmp_path):
     runs = []
     for compiled in (False, True):
         runtime = _runtime(tmp_path, compile=compiled, compile_mode="reduce-overhead")
-        trainer = Trainer(config, stages.hparams_of(config), METHODS.get("erm_cnn"), data, LongTailEvaluator(),
-                          None, runtime, {})
+        trainer = build_trainer(config, runtime, {}, data=data)
         assert not trainer.cuda_graphs
         assert getattr(trainer.ema.module, "_compiled_call_impl", None) is None  # the EMA copy stays eager
         losses = [float(trainer.step([(x, y)], 0)["loss"]) for _ in range(3)]

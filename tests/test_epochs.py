@@ -10,7 +10,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from ltbench import stages
+from ltbench import resolve
 from ltbench.config import TrainHparams, rescale_epochs
 from ltbench.registry import METHODS
 from tests.conftest import FAST_VIT, set_args
@@ -41,23 +41,23 @@ def test_exact_halves_round_up_as_documented():
 
 
 def test_phases_survive_short_runs_and_switched_off_phases_stay_off():
-    hp = stages.make_config("deitlt", "cifar10lt", rho=100, preset="paper").hparams
+    hp = resolve.make_config("deitlt", "cifar10lt", rho=100, preset="paper").hparams
     assert (hp["epochs"], hp["drw_epoch"]) == (1200, 1100)
-    two = stages.make_config("deitlt", "cifar10lt", rho=100, preset="paper", epochs=2).hparams
+    two = resolve.make_config("deitlt", "cifar10lt", rho=100, preset="paper", epochs=2).hparams
     assert (two["drw_epoch"], two["warmup_epochs"]) == (1, 1)  # both phases keep one epoch
-    one = stages.make_config("deitlt", "cifar10lt", rho=100, preset="paper", epochs=1).hparams
+    one = resolve.make_config("deitlt", "cifar10lt", rho=100, preset="paper", epochs=1).hparams
     assert (one["drw_epoch"], one["warmup_epochs"]) == (0, 0)
-    off = stages.make_config("ldam_drw", "cifar10lt", rho=100, epochs=100, sets=["drw_epoch=400"]).hparams
+    off = resolve.make_config("ldam_drw", "cifar10lt", rho=100, epochs=100, sets=["drw_epoch=400"]).hparams
     assert off["drw_epoch"] == 400  # explicit: kept as given
-    config = stages.make_config("ldam_drw", "cifar10lt", rho=100, preset="tiny", sets=["drw_epoch=5", "epochs=4"])
+    config = resolve.make_config("ldam_drw", "cifar10lt", rho=100, preset="tiny", sets=["drw_epoch=5", "epochs=4"])
     assert config.hparams["drw_epoch"] == 5  # past the end (DRW off) in the same layer: as given
 
 
 def test_explicit_set_wins_and_set_epochs_rescales_like_the_option():
-    by_option = stages.make_config("deitlt", "cifar10lt", rho=100, preset="paper", epochs=120)
-    by_set = stages.make_config("deitlt", "cifar10lt", rho=100, preset="paper", sets=["epochs=120"])
+    by_option = resolve.make_config("deitlt", "cifar10lt", rho=100, preset="paper", epochs=120)
+    by_set = resolve.make_config("deitlt", "cifar10lt", rho=100, preset="paper", sets=["epochs=120"])
     assert by_option.run_id == by_set.run_id and by_option.hparams["drw_epoch"] == 110
-    pinned = stages.make_config("deitlt", "cifar10lt", rho=100, preset="paper", epochs=120, sets=["drw_epoch=100"])
+    pinned = resolve.make_config("deitlt", "cifar10lt", rho=100, preset="paper", epochs=120, sets=["drw_epoch=100"])
     assert (pinned.hparams["drw_epoch"], pinned.hparams["warmup_epochs"]) == (100, 1)
 
 
@@ -65,8 +65,8 @@ def test_short_presets_are_the_paper_recipes_at_fewer_epochs():
     for method in ("erm_cnn", "ldam_drw", "paco"):
         for dataset, rho in (("cifar10lt", 100), ("imagenetlt", None)):
             for paper, short in (("paper", "short"), ("sam", "short_sam")):
-                got = stages.make_config(method, dataset, rho=rho, preset=short).hparams
-                want = stages.make_config(method, dataset, rho=rho, preset=paper, epochs=got["epochs"],
+                got = resolve.make_config(method, dataset, rho=rho, preset=short).hparams
+                want = resolve.make_config(method, dataset, rho=rho, preset=paper, epochs=got["epochs"],
                                           sets=[f"eval_every={got['eval_every']}", f"workers={got['workers']}"])
                 assert got == want.hparams, (method, dataset, short)
 
@@ -79,7 +79,7 @@ def test_every_preset_of_every_method_resolves_at_one_and_two_epochs(method):
         pytest.skip(f"{method} trains nothing (epochs must be 0)")
     for preset in sorted(cls.presets):
         for epochs in (1, 2):
-            config = stages.make_config(method, "synthetic", preset=preset, epochs=epochs)
+            config = resolve.make_config(method, "synthetic", preset=preset, epochs=epochs)
             assert config.hparams["epochs"] == epochs
             for upstream in cls.requires(config).values():
                 assert upstream.hparams["epochs"] >= 1

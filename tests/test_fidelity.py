@@ -9,12 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltbench import engine, stages
+from ltbench import engine, resolve, stages
 from ltbench.augment import MicroBatchSampler
 from ltbench.data import IMAGENET_MEAN, frequency_order
 from ltbench.errors import UserError
 from ltbench.method import BatchPosition
 from ltbench.registry import METHODS
+from ltbench.runtime import Runtime
+from ltbench.stages import build_trainer
 from ltbench.teacher import teacher_input
 from tests.conftest import FAST_VIT
 
@@ -22,9 +24,9 @@ SMALL_DATA = ["data.n_max=40", "data.n_test=4", "data.num_classes=10", "data.rho
 
 
 def _method(name: str, sets=(), preset: str = "tiny"):
-    config = stages.make_config(name, "synthetic", preset=preset, sets=[*SMALL_DATA, *sets])
-    data = stages.load_data(config, engine.Runtime(results=None, data_root=None, device="cpu"))
-    return METHODS.get(name)(stages.hparams_of(config), data.info, torch.device("cpu"), {}), data
+    config = resolve.make_config(name, "synthetic", preset=preset, sets=[*SMALL_DATA, *sets])
+    data = stages.load_data(config, Runtime(results=None, data_root=None, device="cpu"))
+    return METHODS.get(name)(resolve.hparams_of(config), data.info, torch.device("cpu"), {}), data
 
 
 def test_teacher_resize_defaults_to_no_antialiasing():
@@ -50,13 +52,13 @@ def test_vit_inputs_use_imagenet_statistics_unless_asked(method):
 def test_mixup_stays_on_through_drw_on_the_large_datasets_only():
     for preset in ("paper", "short", "tiny"):
         for dataset, rho, keeps in (("cifar10lt", 100, False), ("imagenetlt", None, True), ("inat2018", None, True)):
-            hp = stages.make_config("deitlt", dataset, rho=rho, preset=preset).hparams
+            hp = resolve.make_config("deitlt", dataset, rho=rho, preset=preset).hparams
             assert hp["mixup_after_drw"] is keeps, (preset, dataset)
 
 
 def test_vit_trains_the_last_partial_batch():
     """CIFAR-100-LT: 10,752 images per repeated-augmentation epoch; the released loader trains all of them."""
-    hp = stages.make_config("erm_vit", "cifar100lt", rho=100, preset="paper").hparams
+    hp = resolve.make_config("erm_vit", "cifar100lt", rho=100, preset="paper").hparams
     sampler = MicroBatchSampler(range(10752), hp["batch_size"], 128, drop_last=hp["drop_last"])
     assert hp["drop_last"] is False and [size for _, size in sampler.steps][-1] == 512 and len(sampler.steps) == 11
 
@@ -90,9 +92,9 @@ def test_without_mixing_the_cls_loss_is_plain_cross_entropy():
     _, soft, hard = model.prepare(torch.randn(3, 3, 32, 32), y)  # the prepare of every ViT student
     assert torch.equal(soft, F.one_hot(y, 10).float()) and torch.equal(hard, y)
     for method in ("erm_vit", "deit", "deitlt"):  # smoothing is inert without mixing: one experiment, one run id
-        assert len({stages.make_config(method, "synthetic", preset="tiny", sets=[*FAST_VIT, f"smoothing={s}"]).run_id
+        assert len({resolve.make_config(method, "synthetic", preset="tiny", sets=[*FAST_VIT, f"smoothing={s}"]).run_id
                     for s in (0.0, 0.1, 0.3)}) == 1
-    assert len({stages.make_config("erm_vit", "synthetic", preset="tiny", sets=[f"smoothing={s}"]).run_id
+    assert len({resolve.make_config("erm_vit", "synthetic", preset="tiny", sets=[f"smoothing={s}"]).run_id
                 for s in (0.0, 0.1)}) == 2  # with Mixup it matters
 
 
@@ -141,13 +143,12 @@ def test_a_chunk_split_across_micro_batches_keeps_its_lambda_and_box():
 
 def test_engine_positions_micro_batches_in_the_global_batch(tmp_path):
     """One step of 8 images as one micro-batch or two of 4: the same Mixup draws, hence the same loss."""
-    config = stages.make_config("erm_vit", "synthetic", preset="tiny", sets=[*SMALL_DATA, *MIX_IN_CHUNKS_OF_4])
+    config = resolve.make_config("erm_vit", "synthetic", preset="tiny", sets=[*SMALL_DATA, *MIX_IN_CHUNKS_OF_4])
     x, y = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
     losses = []
     for micro in (8, 4):
-        runtime = engine.Runtime(results=tmp_path, data_root=tmp_path, device="cpu", micro_batch=micro)
-        trainer = engine.Trainer(config, stages.hparams_of(config), METHODS.get("erm_vit"),
-                                 stages.load_data(config, runtime), None, None, runtime, {})
+        runtime = Runtime(results=tmp_path, data_root=tmp_path, device="cpu", micro_batch=micro)
+        trainer = build_trainer(config, runtime, {})
         parts = [(x[i:i + micro].clone(), y[i:i + micro]) for i in range(0, 8, micro)]
         losses.append(float(trainer.step(parts, 0, global_size=8, index=3)["loss"]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
@@ -164,24 +165,23 @@ def test_frequency_order_is_numpy_124s_unstable_argsort_with_ties():
 def test_precision_defaults_follow_the_released_code():
     for method in ("erm_cnn", "ldam_drw", "paco"):
         for preset in ("paper", "sam"):
-            assert stages.make_config(method, "cifar10lt", rho=100, preset=preset).hparams["precision"] == "fp32"
+            assert resolve.make_config(method, "cifar10lt", rho=100, preset=preset).hparams["precision"] == "fp32"
     for method in ("erm_vit", "deit", "deitlt"):
-        assert stages.make_config(method, "cifar10lt", rho=100, preset="paper").hparams["precision"] == "fp16"
+        assert resolve.make_config(method, "cifar10lt", rho=100, preset="paper").hparams["precision"] == "fp16"
     cuda = torch.device("cuda")
     assert [engine.autocast_dtype(cuda, p) for p in ("bf16", "fp16", "fp32")] == [torch.bfloat16, torch.float16, None]
     assert engine.autocast_dtype(torch.device("cpu"), "fp16") is None
     with pytest.raises(UserError, match="fp16 cannot be combined with SAM"):
-        stages.make_config("ldam_drw", "cifar10lt", rho=100, preset="sam", sets=["precision=fp16"])
+        resolve.make_config("ldam_drw", "cifar10lt", rho=100, preset="sam", sets=["precision=fp16"])
 
 
 def test_fp16_trains_with_a_grad_scaler(tmp_path, monkeypatch):
     """The GPU's fp16 path (autocast + GradScaler), run on the CPU, where torch supports both."""
     monkeypatch.setattr(engine, "autocast_dtype", lambda device, precision: torch.float16)
-    config = stages.make_config("erm_vit", "synthetic", preset="tiny", epochs=1,
+    config = resolve.make_config("erm_vit", "synthetic", preset="tiny", epochs=1,
                                 sets=[*FAST_VIT, *SMALL_DATA, "batch_size=16"])
-    runtime = engine.Runtime(results=tmp_path, data_root=tmp_path, device="cpu", progress=False, echo=lambda *_: None)
-    trainer = engine.Trainer(config, stages.hparams_of(config), METHODS.get("erm_vit"),
-                             stages.load_data(config, runtime), None, None, runtime, {})
+    runtime = Runtime(results=tmp_path, data_root=tmp_path, device="cpu", progress=False, echo=lambda *_: None)
+    trainer = build_trainer(config, runtime, {})
     before = [p.detach().clone() for p in trainer.method.trainable().parameters()]
     x, y = next(iter(trainer._train_batches(0)))
     losses = [float(trainer.step([(x, y)], 0)["loss"]) for _ in range(3)]

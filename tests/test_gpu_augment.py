@@ -27,9 +27,10 @@ from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_i
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from ltbench import augment
+from ltbench import augment, gpu_kernels, gpu_randaugment, gpu_recipe
 from ltbench import gpu_augment as ga
 from ltbench.data import CIFAR_MEAN, CIFAR_STD, DatasetInfo
+from ltbench.errors import UserError
 from ltbench.gpu_augment import AugRecipe, DeviceBatches
 
 INFO = DatasetInfo("cifar-like", 10, (10,) * 10, 32, CIFAR_MEAN, CIFAR_STD)
@@ -169,9 +170,9 @@ def test_per_batch_path_never_reads_device_values(monkeypatch):
 
 
 def test_bad_input_is_refused_clearly():
-    with pytest.raises(ga.UserError, match="uint8 RGB"):
+    with pytest.raises(UserError, match="uint8 RGB"):
         DeviceBatches(torch.zeros(4, 3, 8, 8), torch.zeros(4), DEIT, 2, seed=0, drop_last=False)
-    with pytest.raises(ga.UserError, match="does not implement"):
+    with pytest.raises(UserError, match="does not implement"):
         AugRecipe(kind="deit", rand_ops=("Cutout",))
 
 
@@ -209,7 +210,7 @@ def _timm_op(name: str, image: np.ndarray, magnitude: float, sign: float) -> np.
 NON_INCREASING = ("Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness")
 
 
-@pytest.mark.parametrize("name", ga.RAND_INCREASING_OPS + NON_INCREASING)
+@pytest.mark.parametrize("name", gpu_recipe.RAND_INCREASING_OPS + NON_INCREASING)
 def test_each_randaugment_op_matches_pil(name):
     augment._patch_timm_posterize()  # Pillow >= 11 refuses 0 bits; DeiT's Pillow returned black
     images = realish_images(6, seed=1)
@@ -217,9 +218,10 @@ def test_each_randaugment_op_matches_pil(name):
         for sign in (1.0, -1.0):
             ref = np.stack([_timm_op(name, im, magnitude, sign) for im in images]).astype(int)
             n = len(images)
-            out = ga.apply_op(to_float(images), name, torch.full((n,), magnitude), torch.full((n,), sign), DEIT)
+            out = gpu_randaugment.apply_op(to_float(images), name, torch.full((n,), magnitude),
+                                           torch.full((n,), sign), DEIT)
             diff = np.abs(out.permute(0, 2, 3, 1).numpy().astype(int) - ref)
-            if name in ga.AFFINE_OPS:
+            if name in gpu_recipe.AFFINE_OPS:
                 # PIL truncates a double-precision cubic sum; float32 lands on the other side now and then
                 assert diff.max() <= 1 and (diff > 0).mean() < 0.03, (name, magnitude, sign, diff.max())
             else:
@@ -239,7 +241,7 @@ def test_crop_resize_matches_torchvision_on_pil(size, mode):
         out = TF.resized_crop(Image.fromarray(images[k]), top[k], left[k], h[k], w[k], [size, size], interp)
         ref.append(np.asarray(TF.hflip(out) if flip[k] else out))
     boxes = [torch.tensor(v, dtype=torch.float64) for v in (top, left, h, w)]
-    out = ga.resize_boxes(to_float(images), *boxes, size, mode, torch.from_numpy(flip))
+    out = gpu_kernels.resize_boxes(to_float(images), *boxes, size, mode, torch.from_numpy(flip))
     diff = np.abs(out.permute(0, 2, 3, 1).numpy().astype(int) - np.stack(ref).astype(int))
     # Pillow sums with 22-bit fixed-point coefficients and rounds the horizontal pass to uint8: float32 sums
     # round the other way at near-halves, and a one-level intermediate difference can grow to two through
@@ -260,8 +262,9 @@ def test_crop_flip_offsets_and_flips_match_torchvision():
     seed_all(0)
     cpu = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()])
     cpu_out = np.stack([np.asarray(cpu(Image.fromarray(im))) for im in images]).astype(int)
-    rng = ga._Random(torch.Generator().manual_seed(0), torch.device("cpu"))
-    dev_out = ga.pad_crop_flip(torch.from_numpy(images), 32, 4, 0.5, rng).permute(0, 2, 3, 1).numpy().astype(int)
+    rng = gpu_kernels.BatchRandom(torch.Generator().manual_seed(0), torch.device("cpu"))
+    dev_out = gpu_kernels.pad_crop_flip(torch.from_numpy(images), 32, 4, 0.5, rng)
+    dev_out = dev_out.permute(0, 2, 3, 1).numpy().astype(int)
     for out in (cpu_out, dev_out):
         assert set(np.unique(out[..., 2])) <= {0, 200}  # zero padding, nothing interpolated
     stats = [_crop_offsets(out) for out in (cpu_out, dev_out)]
@@ -293,8 +296,8 @@ def test_random_resized_crop_boxes_match_timm():
     seed_all(0)
     cpu = np.array([RandomResizedCropAndInterpolation.get_params(Image.new("RGB", (32, 32)), DEIT.scale, DEIT.ratio)
                     for _ in range(n)])
-    rng = ga._Random(torch.Generator().manual_seed(0), torch.device("cpu"))
-    dev = ga.sample_crop_boxes(n, 32, 32, DEIT.scale, DEIT.ratio, rng).numpy()
+    rng = gpu_kernels.BatchRandom(torch.Generator().manual_seed(0), torch.device("cpu"))
+    dev = gpu_kernels.sample_crop_boxes(n, 32, 32, DEIT.scale, DEIT.ratio, rng).numpy()
     for column, what in enumerate(("top", "left", "height", "width")):
         assert ks_statistic(cpu[:, column], dev[:, column]) < ks_threshold(n, n), what
     assert ks_statistic(cpu[:, 2] * cpu[:, 3], dev[:, 2] * dev[:, 3]) < ks_threshold(n, n)
@@ -306,8 +309,8 @@ def test_random_erasing_matches_timm():
     seed_all(0)
     eraser = RandomErasing(0.25, mode="pixel", device="cpu")
     cpu = torch.stack([eraser(torch.full((3, 32, 32), fill)) for _ in range(n)])
-    rng = ga._Random(torch.Generator().manual_seed(0), torch.device("cpu"))
-    dev = ga.random_erase(torch.full((n, 3, 32, 32), fill), DEIT, rng)
+    rng = gpu_kernels.BatchRandom(torch.Generator().manual_seed(0), torch.device("cpu"))
+    dev = gpu_kernels.random_erase(torch.full((n, 3, 32, 32), fill), DEIT, rng)
     stats = []
     for out in (cpu, dev):
         erased = out != fill
@@ -349,7 +352,7 @@ def _compare_recipes(cpu_transform, recipe: AugRecipe, n: int, seed: int) -> dic
     generator = torch.Generator().manual_seed(seed)
     dev = torch.cat([ga.augment_batch(torch.from_numpy(images[i:i + 500]), recipe, generator)
                      for i in range(0, n, 500)])
-    source = ga.normalize(to_float(images), recipe.mean, recipe.std)
+    source = gpu_kernels.normalize(to_float(images), recipe.mean, recipe.std)
     a, b = _per_image_stats(cpu, source, recipe), _per_image_stats(dev, source, recipe)
     for key in a:
         assert_same_mean(a[key], b[key], key, allowance=0.005)

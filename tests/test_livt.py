@@ -7,12 +7,14 @@ import pytest
 import torch
 from ltbench.methods.livt import MaskedAutoencoder, reconstruction_loss
 
-from ltbench import stages
-from ltbench.engine import Runtime, Trainer
+from ltbench import resolve, stages
+from ltbench.engine import Trainer
 from ltbench.errors import UserError
 from ltbench.losses import balanced_bce_loss
 from ltbench.records import run_record
-from ltbench.registry import EVALUATORS, METHODS
+from ltbench.registry import METHODS
+from ltbench.runtime import Runtime
+from ltbench.stages import build_trainer
 from tests.conftest import FAST_VIT
 
 DATA = ["data.n_max=32", "data.n_test=2", "data.num_classes=4", "data.rho=4"]
@@ -24,12 +26,11 @@ def _runtime(results) -> Runtime:
 
 
 def _trainer(results, *extra: str) -> Trainer:
-    config = stages.make_config("livt", "synthetic", preset="tiny", epochs=1,
+    config = resolve.make_config("livt", "synthetic", preset="tiny", epochs=1,
                                 sets=[*FAST_VIT, *DATA, PRETRAIN, "batch_size=16", *extra])
     runtime = _runtime(results)
     upstream = stages.resolve_upstream(config, runtime, train=True)
-    return Trainer(config, stages.hparams_of(config), METHODS.get("livt"), stages.load_data(config, runtime),
-                   EVALUATORS.get("longtail")(), run_record(results, config), runtime, upstream)
+    return build_trainer(config, runtime, upstream, record=run_record(results, config))
 
 
 def test_pretraining_runs_once_and_fine_tuning_starts_from_its_encoder(tmp_path):
@@ -53,7 +54,7 @@ def test_pretraining_runs_once_and_fine_tuning_starts_from_its_encoder(tmp_path)
 
 
 def _autoencoder() -> MaskedAutoencoder:
-    hp = stages.resolve_hparams(METHODS.get("livt_mgp"), "tiny", "synthetic", None,
+    hp = resolve.resolve_hparams(METHODS.get("livt_mgp"), "tiny", "synthetic", None,
                                 {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2})
     return MaskedAutoencoder(hp, num_classes=4)
 

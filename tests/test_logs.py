@@ -15,8 +15,8 @@ import pytest
 from rich.console import Console
 
 from ltbench import progress, tracking
-from ltbench.engine import Runtime
 from ltbench.records import RunRecord
+from ltbench.runtime import Runtime
 from tests.conftest import FAST_VIT, set_args
 
 TINY = ["--method", "erm_vit", "--dataset", "synthetic", "--preset", "tiny", "--epochs", "2",
@@ -78,8 +78,7 @@ def test_a_terminal_keeps_its_live_bar_and_leaves_a_line_per_evaluated_epoch(mon
     screen = io.StringIO()
     monkeypatch.setattr(progress, "stderr_console", Console(file=screen, force_terminal=True, width=200))
     lines: list[str] = []
-    trainer = _fake_trainer(lines, epochs=4)
-    with progress.RunMonitor(trainer, history=[]) as monitor:
+    with _monitor(lines, epochs=4) as monitor:
         with monitor.epoch_bar(0) as update:
             update(0, {}, 32, 0.5)
             update(1, {}, 64, 1.0)
@@ -94,7 +93,7 @@ def test_a_terminal_keeps_its_live_bar_and_leaves_a_line_per_evaluated_epoch(mon
 def test_without_a_terminal_every_epoch_prints_a_line(monkeypatch):
     monkeypatch.setattr(progress, "stderr_console", Console(file=io.StringIO()))  # a pipe, a log file
     lines: list[str] = []
-    with progress.RunMonitor(_fake_trainer(lines, epochs=3), history=[]) as monitor:
+    with _monitor(lines, epochs=3) as monitor:
         monitor.epoch_done(_row(0))
     assert len(lines) == 1 and lines[0].startswith("epoch 1/3  loss 1.5000  lr 1.00e-02")
 
@@ -184,14 +183,14 @@ def test_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
 def test_a_sweep_trial_uses_the_cpus_ray_gave_it(monkeypatch):
     import ray
 
-    from ltbench import sweep
+    from ltbench import launcher
 
-    assert sweep._trial_cpus() is None  # not in a Ray worker
+    assert launcher._trial_cpus() is None  # not in a Ray worker
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     for assigned, threads in (({"CPU": 2.0}, 2), ({"CPU": 0.5}, 1)):
         context = types.SimpleNamespace(get_assigned_resources=lambda assigned=assigned: assigned)
         monkeypatch.setattr(ray, "get_runtime_context", lambda context=context: context)
-        assert sweep._trial_cpus() == threads
+        assert launcher._trial_cpus() == threads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,8 +214,7 @@ def _config():
     return RunConfig(method="erm_vit", dataset="synthetic", data={"rho": 10.0}, hparams={"lr": 0.01, "epochs": 2})
 
 
-def _fake_trainer(lines: list[str], epochs: int):
-    optimizer = types.SimpleNamespace(param_groups=[{"lr": 0.01}])
-    runtime = types.SimpleNamespace(progress=True, echo=lines.append, log=())
-    return types.SimpleNamespace(dist=types.SimpleNamespace(is_main=True), runtime=runtime, optimizer=optimizer,
-                                 hp=types.SimpleNamespace(epochs=epochs), steps_per_epoch=2, record=None, config=None)
+def _monitor(lines: list[str], epochs: int) -> progress.RunMonitor:
+    """A monitor as the engine makes it, with the values a Trainer would pass."""
+    return progress.RunMonitor([], epochs=epochs, steps_per_epoch=2, lr=lambda: 0.01, record=None, config=None,
+                               progress=True, echo=lines.append)

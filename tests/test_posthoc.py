@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ltbench import stages
-from ltbench.engine import Runtime
+from ltbench import resolve, stages
 from ltbench.errors import UserError
 from ltbench.posthoc import LOGITS_FILE, posthoc_adjust
+from ltbench.runtime import Runtime
 from tests.conftest import FAST_VIT
 
 DATA = ["data.n_max=48", "data.n_test=6", "data.num_classes=4", "data.rho=8"]
@@ -23,7 +23,7 @@ def _runtime(results) -> Runtime:
 def vit_run(tmp_path_factory):
     """A one-epoch tiny ERM-ViT run, logits not saved."""
     results = tmp_path_factory.mktemp("posthoc")
-    config = stages.make_config("erm_vit", "synthetic", preset="tiny", epochs=1,
+    config = resolve.make_config("erm_vit", "synthetic", preset="tiny", epochs=1,
                                 sets=[*FAST_VIT, *DATA, "batch_size=16"])
     return stages.ensure(config, _runtime(results)), results
 
@@ -56,12 +56,12 @@ def test_eval_and_report_show_the_adjusted_result_as_a_labelled_row(vit_run, cli
 
 
 def test_unfinished_runs_and_best_epoch_selection_are_refused(tmp_path):
-    config = stages.make_config("erm_vit", "synthetic", preset="tiny", epochs=2, sets=[*FAST_VIT, *DATA])
+    config = resolve.make_config("erm_vit", "synthetic", preset="tiny", epochs=2, sets=[*FAST_VIT, *DATA])
     partial = stages.ensure(config, Runtime(results=tmp_path, data_root=tmp_path, device="cpu", progress=False,
                                             echo=lambda *_: None, stop_after_epochs=1))
     with pytest.raises(UserError, match="not finished"):
         posthoc_adjust(partial, _runtime(tmp_path), [1.0])
-    from ltbench.report import ReportOptions
+    from ltbench.runset import ReportOptions
 
     with pytest.raises(UserError, match="--select final"):
         ReportOptions(select="best", adjust=1.0)

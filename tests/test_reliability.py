@@ -22,7 +22,7 @@ import torch
 from click.testing import CliRunner
 from ltbench.datasets.cifar_lt import CIFAR10LT, CIFARLTOptions
 
-from ltbench import records, stages
+from ltbench import records, resolve, runset, stages
 from ltbench.cli import main
 from ltbench.config import RunConfig
 from ltbench.data import exp_profile_counts
@@ -96,7 +96,6 @@ def test_edited_config_of_a_finished_run_is_refused_by_every_reader(copy_run):
 
 def test_a_run_folder_of_an_older_ltbench_is_named_as_such(copy_run):
     """Before runtime options left the run id, folders were named by the hash of the whole config.json."""
-    from ltbench import report
     from ltbench.config import RunConfig
 
     run = copy_run("finished")
@@ -105,17 +104,16 @@ def test_a_run_folder_of_an_older_ltbench_is_named_as_such(copy_run):
     run = run.rename(run.parent / legacy)
     out = text_of(invoke("eval", run.name, "--results", results_of(run), expect=2))
     assert "older ltbench" in out and "edited" not in out
-    assert "older ltbench" in report.load_runs(Path(results_of(run))).incomplete[0]["reason"]
+    assert "older ltbench" in runset.load_runs(Path(results_of(run))).incomplete[0]["reason"]
 
 
 def test_a_finished_run_without_config_json_is_named_and_counted_in_the_report(copy_run):
-    from ltbench import report
 
     run = copy_run("finished")
     (run / "config.json").unlink()
     out = text_of(invoke("eval", run.name, "--results", results_of(run), expect=2))
     assert str(run) in out and "no config.json" in out
-    left_out = report.load_runs(Path(results_of(run))).incomplete
+    left_out = runset.load_runs(Path(results_of(run))).incomplete
     assert [(r["method"], r["seed"]) for r in left_out] == [("erm_vit", 0)]  # coordinates from result.json
     assert "no config.json" in left_out[0]["reason"]
 
@@ -140,7 +138,7 @@ def test_impossible_rho_is_refused_before_any_data_is_loaded(tmp_path, dataset, 
 
 
 def test_the_largest_valid_rho_keeps_one_image_in_the_rarest_class():
-    assert stages.make_config("erm_vit", "synthetic", rho=200).data["rho"] == 200
+    assert resolve.make_config("erm_vit", "synthetic", rho=200).data["rho"] == 200
     assert CIFAR10LT.profile_size(CIFARLTOptions()) == (5000, 10)
     assert exp_profile_counts(5000, 10, 5000)[-1] == 1 and exp_profile_counts(200, 10, 200)[-1] == 1
 
@@ -331,7 +329,7 @@ def test_run_files_follow_the_process_umask(trained):
 # ---------------------------------------------------------------------------------------------- 16
 def test_inert_hyperparameters_do_not_change_the_run_id():
     def run_id(*sets: str) -> str:
-        return stages.make_config("erm_vit", "synthetic", preset="tiny", sets=sets).run_id
+        return resolve.make_config("erm_vit", "synthetic", preset="tiny", sets=sets).run_id
 
     assert run_id("augment=none") == run_id("augment=none", "auto_augment=rand-m5", "re_prob=0.5")
     assert run_id("mixup=0", "cutmix=0") == run_id("mixup=0", "cutmix=0", "mixup_switch_prob=0.9")
@@ -406,7 +404,7 @@ def test_impossible_runtime_options_are_refused_before_a_run_folder_exists(tmp_p
 
 
 def test_runtime_values_from_a_grid_are_checked_like_the_options(tmp_path):
-    from ltbench.engine import Runtime
+    from ltbench.runtime import Runtime
 
     with pytest.raises(UserError, match="micro_batch must be >= 0, got -1"):
         Runtime(results=tmp_path, data_root=tmp_path, micro_batch=-1)
@@ -414,8 +412,8 @@ def test_runtime_values_from_a_grid_are_checked_like_the_options(tmp_path):
 
 def test_rho_given_twice_must_agree():
     with pytest.raises(UserError, match="--rho 50 and data.rho=20 disagree"):
-        stages.make_config("erm_cnn", "synthetic", rho=50, sets=["data.rho=20"])
-    assert stages.make_config("erm_cnn", "synthetic", rho=50, sets=["data.rho=5e1"]).data["rho"] == 50
+        resolve.make_config("erm_cnn", "synthetic", rho=50, sets=["data.rho=20"])
+    assert resolve.make_config("erm_cnn", "synthetic", rho=50, sets=["data.rho=5e1"]).data["rho"] == 50
 
 
 def test_a_diverged_run_stops_unfinished_and_says_why(tmp_path, monkeypatch):

@@ -23,8 +23,10 @@ import pandas as pd
 import pytest
 
 from ltbench import report as rp
+from ltbench import runset
 from ltbench.config import RunConfig
 from ltbench.errors import UserError
+from ltbench.render import latex_escape
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 REGEN = os.environ.get("LTBENCH_REGEN_GOLDEN") == "1"
@@ -41,7 +43,7 @@ CASES = {
 
 
 def render(fmt: str, **options) -> str:
-    return rp.report(GOLDEN, fmt, rp.ReportOptions(**options))
+    return rp.report(GOLDEN, fmt, runset.ReportOptions(**options))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -103,13 +105,13 @@ def test_a_method_version_bump_splits_the_row(tmp_path):
     config["versions"]["method"] = 2
     (bumped / "config.json").write_text(json.dumps(config))
     bumped.rename(runs / RunConfig.from_dict(config).run_id)  # another config is another run id
-    cells = rp.aggregate(rp.load_runs(tmp_path), rp.ReportOptions(metrics=("top1",)))
+    cells = rp.aggregate(runset.load_runs(tmp_path), runset.ReportOptions(metrics=("top1",)))
     assert sorted(zip(cells["row"], cells["n"])) == [("deitlt (versions.method=1)", 2),
                                                      ("deitlt (versions.method=2)", 1)]
 
 
 def test_incomplete_runs_are_excluded_and_counted():
-    runs = rp.load_runs(GOLDEN)
+    runs = runset.load_runs(GOLDEN)
     assert [(r["method"], r["rho"], r["seed"]) for r in runs.incomplete] == [("erm_vit", 50.0, 2)]
     assert runs.frame["run_id"].nunique() == 15
     markdown = render("markdown")
@@ -118,8 +120,8 @@ def test_incomplete_runs_are_excluded_and_counted():
 
 
 def test_bold_marks_the_best_mean_of_each_column_and_missing_cells_are_marked():
-    options = rp.ReportOptions(heads=True)
-    runs = rp.load_runs(GOLDEN, options)
+    options = runset.ReportOptions(heads=True)
+    runs = runset.load_runs(GOLDEN, options)
     table = rp.build_table(rp.aggregate(runs, options), runs, options)
     for j in range(len(table.columns)):
         cells = [cells[j] for _, cells, _ in table.rows if not cells[j].missing and cells[j].text != "n/a"]
@@ -137,16 +139,16 @@ def test_bold_marks_the_best_mean_of_each_column_and_missing_cells_are_marked():
 
 
 def test_lower_ece_is_best():
-    options = rp.ReportOptions(metrics=("ece",))
-    runs = rp.load_runs(GOLDEN, options)
+    options = runset.ReportOptions(metrics=("ece",))
+    runs = runset.load_runs(GOLDEN, options)
     table = rp.build_table(rp.aggregate(runs, options), runs, options)
     column = [cells[0] for _, cells, _ in table.rows if not cells[0].missing]
     assert [c.bold for c in column] == [float(c.text) == min(float(x.text) for x in column) for c in column]
 
 
 def test_paper_comparison_uses_matching_reference_and_main_head_only():
-    options = rp.ReportOptions(heads=True, compare="paper", split="paper")
-    runs = rp.load_runs(GOLDEN, options)
+    options = runset.ReportOptions(heads=True, compare="paper", split="paper")
+    runs = runset.load_runs(GOLDEN, options)
     cells = rp.add_reference(rp.aggregate(runs, options), runs, options)
     main = cells[(cells["row"] == "deitlt") & (cells["head"] == "main") & (cells["dataset"] == "cifar10lt")]
     top1 = main[main["metric"] == "top1"].iloc[0]
@@ -193,7 +195,7 @@ def test_best_selection_says_so_in_the_caption():
 
 
 def test_latex_escaping_and_balance():
-    assert rp.latex_escape("erm_vit 5% & #1 {x}") == r"erm\_vit 5\% \& \#1 \{x\}"
+    assert latex_escape("erm_vit 5% & #1 {x}") == r"erm\_vit 5\% \& \#1 \{x\}"
     tex = render("latex", heads=True, compare="paper")
     assert tex.count("{") == tex.count("}") and tex.count(r"\begin{") == tex.count(r"\end{")
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex and "erm\\_vit" in tex
@@ -221,7 +223,7 @@ def test_filters_and_bad_options(tmp_path):
     text = render("markdown", methods=("deitlt",), datasets=("cifar100lt",))
     assert "erm" not in text and "cifar10lt" not in text
     with pytest.raises(UserError, match="--metric"):
-        rp.ReportOptions(metrics=("top5",))
+        runset.ReportOptions(metrics=("top5",))
     with pytest.raises(UserError, match="No run folders"):
         rp.report(tmp_path)
     with pytest.raises(UserError, match="nothing to tabulate"):
@@ -231,7 +233,7 @@ def test_filters_and_bad_options(tmp_path):
 def test_plots_are_written_for_rows_and_distilled_heads(tmp_path):
     from ltbench.plots import write_plots
 
-    files = write_plots(rp.load_runs(GOLDEN), tmp_path)
+    files = write_plots(runset.load_runs(GOLDEN), tmp_path)
     names = sorted(p.name for p in files)
     assert "per_class_cifar10lt_rho100.png" in names and "per_class_cifar10lt_rho100.pdf" in names
     assert [n for n in names if n.startswith("cls_dist")] == [
@@ -254,7 +256,7 @@ def test_latex_is_a_table_to_paste_and_standalone_wraps_the_same_table_in_a_docu
 def test_per_class_plot_marks_the_groups_bands_the_seeds_and_labels_ticks_plainly():
     from ltbench import plots
 
-    runs = rp.load_runs(GOLDEN)
+    runs = runset.load_runs(GOLDEN)
     frame = runs.frame.drop_duplicates("run_id")
     frame = frame.assign(row=frame["run_id"].map(rp.label_rows(runs)))
     cell = frame[(frame["dataset"] == "cifar100lt") & (frame["rho"] == 100)]  # deitlt: 3 seeds, erm_vit: 1
@@ -284,7 +286,7 @@ def test_runs_on_different_dataset_options_get_their_own_columns(tmp_path):
     for seed in (0, 1):
         _write_finished_run(tmp_path, {"rho": 10.0, "n_max": 40}, seed, 30.0 + seed)
         _write_finished_run(tmp_path, {"rho": 10.0, "n_max": 80}, seed, 60.0 + seed)
-    table = rp.build_table(rp.aggregate(rp.load_runs(tmp_path)), rp.load_runs(tmp_path), rp.ReportOptions())
+    table = rp.build_table(rp.aggregate(runset.load_runs(tmp_path)), runset.load_runs(tmp_path), runset.ReportOptions())
     assert [label for label, _ in table.groups] == ["synthetic ρ=10 n_max=40", "synthetic ρ=10 n_max=80"]
     [(label, cells, _)] = table.rows  # one row: the data options label columns, not rows
     assert label == "erm_cnn" and not any(cell.bold for cell in cells)  # nothing to compete with in a column

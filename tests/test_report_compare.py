@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from ltbench import report as rp
+from ltbench import runset
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-OPTIONS = rp.ReportOptions(compare="paper")
+OPTIONS = runset.ReportOptions(compare="paper")
 
 
-def _cells(results: Path, options: rp.ReportOptions = OPTIONS):
-    runs = rp.load_runs(results, options)
+def _cells(results: Path, options: runset.ReportOptions = OPTIONS):
+    runs = runset.load_runs(results, options)
     return rp.add_reference(rp.aggregate(runs, options), runs, options), runs
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from ltbench import projection, records, resolve, stages
 from ltbench import reproduce as rpd
-from ltbench import stages
-from ltbench.engine import Runtime
 from ltbench.errors import UserError
 from ltbench.records import atomic_write_json
+from ltbench.runtime import Runtime
 
 from .conftest import FAST_VIT, set_args
 
@@ -90,8 +90,8 @@ def test_shipped_suites_parse_and_every_cell_picks_one_configuration(tmp_path):
 
 def test_deitlt_paper_plan_projects_gpu_hours_without_the_data(tmp_path):
     plan, _ = rpd.plan_suite(rpd.load_suite("deitlt-paper"), tmp_path)
-    table = rpd.throughput_table()
-    hours = {j.config.method: rpd.projected_hours(j, table) for j in plan.jobs.values()}
+    table = projection.throughput_table()
+    hours = {j.config.method: projection.projected_hours(j, table) for j in plan.jobs.values()}
     assert set(hours) == {"deitlt", "erm_vit", "paco"}  # the PaCo+SAM teachers are planned too
     assert all(h is not None and h > 0 for h in hours.values())
     assert hours["deitlt"] > 1  # 1200 epochs of DeiT-B at 224 px: hours, not minutes
@@ -102,10 +102,10 @@ def test_projection_counts_class_balanced_epochs_and_nothing_for_tau_norm(tmp_pa
 
     plan, _ = rpd.plan_suite(rpd.load_suite("cifar10lt-baselines-short"), tmp_path)
     jobs = {j.config.method: j for j in plan.jobs.values()}
-    hours = {method: rpd.projected_hours(job, rpd.throughput_table()) for method, job in jobs.items()}
+    hours = {method: projection.projected_hours(job, projection.throughput_table()) for method, job in jobs.items()}
     assert hours["tau_norm"] == 0.0 and hours["erm_cnn"] > 0
     dataset = DATASETS.get("cifar10lt")
-    counts = dataset.train_counts(stages._dataset_options(dataset, None, dict(jobs["crt"].config.data)))
+    counts = dataset.train_counts(resolve.dataset_options(dataset, None, dict(jobs["crt"].config.data)))
     epochs = {m: jobs[m].config.hparams["epochs"] for m in ("crt", "erm_cnn")}
     assert jobs["crt"].config.hparams["batch_size"] == jobs["erm_cnn"].config.hparams["batch_size"]  # one rate
     balanced = max(counts) * len(counts)  # 5000 x 10, not the 12406 images of CIFAR-10-LT rho 100
@@ -212,7 +212,7 @@ def test_command_line_verdict_table_files_and_exit_status(cli, golden):
 
 
 def _tiny_config():
-    return stages.make_config("erm_cnn", "synthetic", preset="tiny", epochs=1,
+    return resolve.make_config("erm_cnn", "synthetic", preset="tiny", epochs=1,
                               sets=["workers=0", "data.n_max=16", "data.n_test=2"])
 
 
@@ -230,7 +230,7 @@ def test_compiled_first_epoch_failure_is_retried_eagerly_and_the_verdict_says_so
                       echo=lambda _: None)
     record = stages.ensure_or_retry_eagerly(config, runtime)
     assert record.done
-    marker = json.loads((record.path / stages.EAGER_RETRY).read_text())
+    marker = json.loads((record.path / records.EAGER_RETRY).read_text())
     assert "fake CUDA-graph capture failure" in marker["error"]
     suite = _write_suite(tmp_path, "runs: [{methods: [erm_cnn], datasets: [synthetic], preset: tiny, epochs: 1, "
                                    "set: [workers=0, data.n_max=16, data.n_test=2]}]\nexpectations: "

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltbench import stages
-from ltbench.engine import Runtime, Trainer
+from ltbench import resolve, stages
 from ltbench.records import run_record
-from ltbench.registry import EVALUATORS, METHODS
+from ltbench.runtime import Runtime
 from ltbench.sam import SAM
+from ltbench.stages import build_trainer
 
 
 def _flat(tensors) -> torch.Tensor:
@@ -50,11 +50,10 @@ def _grads_at(model: nn.Module, weights: list[torch.Tensor], x: torch.Tensor, y:
 
 def test_engine_step_takes_the_second_gradient_at_the_perturbed_point(tmp_path):
     rho, wd = 0.5, 1e-3
-    config = stages.make_config("erm_cnn", "synthetic", preset="tiny", sets=[f"sam_rho={rho}", f"weight_decay={wd}"])
+    config = resolve.make_config("erm_cnn", "synthetic", preset="tiny", sets=[f"sam_rho={rho}", f"weight_decay={wd}"])
     runtime = Runtime(results=tmp_path, data_root=tmp_path, device="cpu", progress=False, echo=lambda *_: None)
     data = stages.load_data(config, runtime)
-    trainer = Trainer(config, stages.hparams_of(config), METHODS.get("erm_cnn"), data, EVALUATORS.get("longtail")(),
-                      run_record(tmp_path, config), runtime, {})
+    trainer = build_trainer(config, runtime, {}, data=data, record=run_record(tmp_path, config))
     method = trainer.method
     model = method.trainable().train()
     bn = model.backbone.bn1
@@ -92,11 +91,10 @@ def test_engine_step_takes_the_second_gradient_at_the_perturbed_point(tmp_path):
 
 def test_step_schedule_of_the_radius_follows_zero_based_epochs(tmp_path):
     """Saddle's ImageNet-LT / iNat steps: 1-based epochs 1-5, 6-60, 61-75, 76-90 = 0-based starts 5, 60, 75."""
-    config = stages.make_config("ldam_drw", "synthetic", preset="tiny", epochs=90,
+    config = resolve.make_config("ldam_drw", "synthetic", preset="tiny", epochs=90,
                                 sets=["sam_rho_steps=0.05,0.1,0.5,0.5", "sam_rho_epochs=5,60,75"])
     runtime = Runtime(results=tmp_path, data_root=tmp_path, device="cpu", progress=False, echo=lambda *_: None)
-    trainer = Trainer(config, stages.hparams_of(config), METHODS.get("ldam_drw"), stages.load_data(config, runtime),
-                      EVALUATORS.get("longtail")(), run_record(tmp_path, config), runtime, {})
+    trainer = build_trainer(config, runtime, {}, record=run_record(tmp_path, config))
     radii = {epoch: trainer._sam_rho(epoch) for epoch in (0, 4, 5, 59, 60, 74, 75, 89)}
     assert radii == {0: 0.05, 4: 0.05, 5: 0.1, 59: 0.1, 60: 0.5, 74: 0.5, 75: 0.5, 89: 0.5}
     assert trainer.sam is not None

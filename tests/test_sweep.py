@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from ltbench.methods.erm_vit import ERMViT
 
-from ltbench import stages
+from ltbench import launcher, resolve
 from ltbench import sweep as sw
 from ltbench.errors import UserError
 from ltbench.registry import METHODS
@@ -72,7 +72,7 @@ def test_yaml_grid_with_method_scoped_sets_and_command_line_override(tmp_path):
 
 def test_plan_uses_the_run_command_configs_and_reads_state_from_disk(tmp_path):
     plan = sw.plan_sweep(_grid(), tmp_path)
-    expected = {stages.make_config(m, "synthetic", rho=r, seed=s, preset="tiny", epochs=2,
+    expected = {resolve.make_config(m, "synthetic", rho=r, seed=s, preset="tiny", epochs=2,
                                    sets=sw.sets_for(plan.grid, m)).run_id
                 for m in ("erm_vit", "erm_cnn") for r in (5, 10) for s in (0, 1)}
     assert set(plan.jobs) == expected and len(expected) == 8
@@ -106,7 +106,7 @@ def students(monkeypatch):
         class Student(ERMViT):
             @classmethod
             def requires(cls, config):
-                teacher = stages.make_config("erm_cnn", config.dataset, rho=config.data["rho"], seed=config.seed,
+                teacher = resolve.make_config("erm_cnn", config.dataset, rho=config.data["rho"], seed=config.seed,
                                              preset="tiny", sets=["workers=0"])
                 return {"teacher": teacher}
 
@@ -140,11 +140,11 @@ def test_students_of_a_failed_teacher_are_reported_not_started(students, tmp_pat
                          preset="tiny", sets=["workers=0"])
     plan = sw.plan_sweep(grid, tmp_path)
     teacher, *kids = plan.jobs.values()
-    outcome = sw.SweepOutcome(plan, failed={teacher.run_id: "RuntimeError: boom"})
-    assert all(sw._block(kid, plan, outcome) for kid in kids)
+    outcome = launcher.SweepOutcome(plan, failed={teacher.run_id: "RuntimeError: boom"})
+    assert all(launcher._block(kid, plan, outcome) for kid in kids)
     assert set(outcome.blocked) == {k.run_id for k in kids} and teacher.run_id in next(iter(outcome.blocked.values()))
-    time_boxed = sw.SweepOutcome(plan)  # the teacher only stopped early (--stop-after-epochs): not an error
-    assert all(sw._block(kid, plan, time_boxed) for kid in kids)
+    time_boxed = launcher.SweepOutcome(plan)  # the teacher only stopped early (--stop-after-epochs): not an error
+    assert all(launcher._block(kid, plan, time_boxed) for kid in kids)
     assert not time_boxed.blocked and len(time_boxed.waiting) == 2
 
 
@@ -154,16 +154,16 @@ def test_students_of_a_failed_teacher_are_reported_not_started(students, tmp_pat
 
 def test_trial_resources():
     gpus = {"CPU": 16, "GPU": 4}
-    assert sw.trial_resources(sw.Resources(), gpus) == {"cpu": 4.0, "gpu": 1.0}
-    assert sw.trial_resources(sw.Resources(gpus_per_trial=0.5), gpus) == {"cpu": 2.0, "gpu": 0.5}
-    assert sw.trial_resources(sw.Resources(), {"CPU": 2}) == {"cpu": 2.0, "gpu": 0.0}
-    assert sw.trial_resources(sw.Resources(cpus_per_trial=1), {"CPU": 2}) == {"cpu": 1.0, "gpu": 0.0}
+    assert launcher.trial_resources(launcher.Resources(), gpus) == {"cpu": 4.0, "gpu": 1.0}
+    assert launcher.trial_resources(launcher.Resources(gpus_per_trial=0.5), gpus) == {"cpu": 2.0, "gpu": 0.5}
+    assert launcher.trial_resources(launcher.Resources(), {"CPU": 2}) == {"cpu": 2.0, "gpu": 0.0}
+    assert launcher.trial_resources(launcher.Resources(cpus_per_trial=1), {"CPU": 2}) == {"cpu": 1.0, "gpu": 0.0}
     with pytest.raises(UserError, match="divide one GPU"):
-        sw.trial_resources(sw.Resources(gpus_per_trial=0.3), gpus)
+        launcher.trial_resources(launcher.Resources(gpus_per_trial=0.3), gpus)
     with pytest.raises(UserError, match="has 0"):
-        sw.trial_resources(sw.Resources(gpus_per_trial=1), {"CPU": 2})
+        launcher.trial_resources(launcher.Resources(gpus_per_trial=1), {"CPU": 2})
     with pytest.raises(UserError, match="CPUs"):
-        sw.trial_resources(sw.Resources(cpus_per_trial=8), {"CPU": 2})
+        launcher.trial_resources(launcher.Resources(cpus_per_trial=8), {"CPU": 2})
 
 
 def test_error_summary_reports_the_root_cause():
@@ -172,8 +172,8 @@ def test_error_summary_reports_the_root_cause():
             super().__init__("wrapper")
             self.cause = cause
 
-    assert sw.error_summary(Wrapped(UserError("dataset missing"))) == "UserError: dataset missing"
-    assert sw.error_summary("Traceback ...\n  File x\nValueError: bad\n") == "ValueError: bad"
+    assert launcher.error_summary(Wrapped(UserError("dataset missing"))) == "UserError: dataset missing"
+    assert launcher.error_summary("Traceback ...\n  File x\nValueError: bad\n") == "ValueError: bad"
 
 
 def test_dry_run_prints_the_grid_and_trains_nothing(cli, tmp_path):

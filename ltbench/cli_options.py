@@ -1,0 +1,131 @@
+"""The command line's shared pieces: run and runtime options (built from ``Runtime``'s fields), the Runtime a
+command gets, and the group that turns a UserError into a one-paragraph message and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from ltbench.console import err_console, say
+from ltbench.data import default_data_root
+from ltbench.errors import UserError
+from ltbench.runtime import Runtime, cli_fields
+from ltbench.tracking import parse_backends
+
+COMMON_RUN_OPTIONS = [
+    click.option("--seed", type=int, default=0, show_default=True, help="Training seed (init, order, augmentation)."),
+    click.option("--preset", default=None, help="Hyperparameter preset of the method (see `ltbench list presets`)."),
+    click.option("--epochs", type=int, default=None, help="Override the preset's number of epochs."),
+    click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                 help="Override a hyperparameter (repeatable); data.KEY=VALUE sets a dataset option."),
+]
+
+
+def runtime_options(func):
+    """The shared runtime options, one per :class:`~ltbench.runtime.Runtime` field that declares one."""
+    for f in reversed(cli_fields()):
+        func = _runtime_option(f)(func)
+    return func
+
+
+def _runtime_option(f) -> Any:
+    meta = f.metadata
+    decl = meta["cli"] or "--" + f.name.replace("_", "-")
+    kwargs: dict[str, Any] = {"help": meta["help"], "show_default": meta.get("show_default", False)}
+    if meta.get("flag") and "/" not in decl:  # --download; --quiet sets progress to False
+        return click.option(decl, f.name, is_flag=True, flag_value=not f.default, default=f.default, **kwargs)
+    if "/" in decl:
+        return click.option(decl, f.name, default=f.default, **kwargs)
+    if "choices" in meta:
+        kwargs["type"] = click.Choice(list(meta["choices"]))
+    elif "minimum" in meta:
+        kwargs["type"] = click.IntRange(min=meta["minimum"])
+    elif f.name in ("results", "data_root"):
+        kwargs["type"] = click.Path(path_type=Path)
+    return click.option(decl, f.name, default=f.default, **kwargs)
+
+
+def _log_backends(ctx, param, value) -> tuple[str, ...]:
+    try:
+        return parse_backends(value)
+    except UserError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+LOG_OPTION = click.option(
+    "--log", "log", multiple=True, callback=_log_backends, metavar="tensorboard|csv|wandb|mlflow",
+    help="Also log each epoch to experiment trackers (repeatable or comma-separated); tensorboard and csv write "
+         "into the run folder. Does not change the run id.")
+
+
+def make_runtime(**options: Any) -> Runtime:
+    """A Runtime from the runtime options (and a command's own, e.g. save_logits), paths made absolute."""
+    check_device(options["device"])
+    data_root = options.get("data_root")
+    if data_root is not None and Path(data_root).is_file():
+        raise UserError(f"--data-root {data_root} is a file; give the folder that holds the datasets.")
+    options["results"] = Path(options["results"]).resolve()
+    options["data_root"] = (data_root or default_data_root()).resolve()
+    return Runtime(**options, echo=say)
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(device: str) -> None:
+    """Refuse a --device torch cannot use here, before any data is loaded."""
+    if not DEVICE.fullmatch(device):
+        raise UserError(f"--device {device!r} is not a device name: use auto, cpu, cuda, cuda:N or mps.")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise UserError(f"--device {device} was asked for, but PyTorch sees no CUDA GPU here. Use --device cpu.")
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            raise UserError(f"--device {device} was asked for, but PyTorch sees {count} CUDA GPU(s): "
+                            f"cuda:0 to cuda:{count - 1}.")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for, but PyTorch sees no Apple-silicon GPU here. Use --device cpu.")
+
+
+class LTGroup(click.Group):
+    """Turns UserError and OSError into a one-paragraph message and a non-zero exit, Ctrl-C into a resume hint.
+
+    ``--debug`` (or LTBENCH_DEBUG=1) shows the traceback instead.
+    """
+
+    def invoke(self, ctx):
+        debug = ctx.params.get("debug") or os.environ.get("LTBENCH_DEBUG", "") not in ("", "0")
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # the reader went away (`ltbench list | head`): nothing left to say to it
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+            sys.exit(141)
+        except (UserError, OSError) as exc:
+            if debug:
+                raise
+            text = str(exc) if isinstance(exc, UserError) else os_error_text(exc)
+            err_console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
+            sys.exit(2 if isinstance(exc, UserError) else 1)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            err_console.print("Interrupted. Finished epochs are kept: run the same command again to resume from the "
+                              "last checkpoint.", highlight=False, soft_wrap=True)
+            sys.exit(130)
+
+
+def os_error_text(exc: OSError) -> str:
+    """One line: the reason and the path(s), e.g. ``Permission denied: results/runs/ab12``."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    reason = exc.strerror or type(exc).__name__
+    text = f"{reason}: {paths}" if paths else f"{reason} ({exc})"
+    return text + " (--debug shows the traceback)"
+
+
