@@ -37,8 +37,8 @@ def _option(default: Any, help: str, *, cli: str | None = "", suite: bool = Fals
 class Runtime:
     """How to run, as opposed to what to run: none of this changes the run id."""
 
-    results: Path = _option(Path("results"), "Results folder; runs go to RESULTS/runs/<run_id>/.", show_default=True)
     data_root: Path = _option(None, "Folder with the datasets (default: $LTBENCH_DATA or ./data).")
+    results: Path = _option(Path("results"), "Results folder; runs go to RESULTS/runs/<run_id>/.", show_default=True)
     device: str = _option("auto", "auto, cpu, cuda or cuda:N.", suite=True, show_default=True)
     compile: bool = _option(False, "torch.compile the trained model.", cli="--compile/--no-compile", suite=True)
     compile_mode: str = _option("default", "torch.compile mode (implies --compile); reduce-overhead and max-autotune "

@@ -86,3 +86,24 @@ def test_no_module_is_much_over_450_lines_and_each_says_its_job():
     silent = [m for m, p in modules().items() if not m.endswith("__init__") and ast.get_docstring(ast.parse(
         p.read_text())) is None]
     assert not silent, silent
+
+
+def test_no_import_cycle_even_within_a_layer():
+    found = modules()
+    graph = {m: imported(p, set(found)) & set(found) for m, p in found.items()}
+    state: dict[str, int] = {}
+    cycles: list[str] = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                cycles.append(" -> ".join([*path[path.index(target):], target]))
+            elif not state.get(target):
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(found):
+        if not state.get(module):
+            visit(module, [module])
+    assert not cycles, cycles

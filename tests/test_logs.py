@@ -174,10 +174,10 @@ def test_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
 
     import torch
 
-    assert Runtime(Path("r"), Path("d"), threads=3).cpu_threads() == 3
+    assert Runtime(results=Path("r"), data_root=Path("d"), threads=3).cpu_threads() == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
-    assert Runtime(Path("r"), Path("d")).cpu_threads() == 1
+    assert Runtime(results=Path("r"), data_root=Path("d")).cpu_threads() == 1
 
 
 def test_a_sweep_trial_uses_the_cpus_ray_gave_it(monkeypatch):
