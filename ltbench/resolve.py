@@ -14,7 +14,7 @@ from ltbench import config as cfgmod
 from ltbench.config import RunConfig
 from ltbench.errors import UserError
 from ltbench.registry import DATASETS, METHODS
-from ltbench.runtime import RUNTIME_OPTIONS
+from ltbench.runtime import RUNTIME_OPTIONS, option_name
 
 if TYPE_CHECKING:
     from ltbench.data import Dataset
@@ -60,7 +60,7 @@ def reject_runtime_sets(method_cls: type[Method], keys: Iterable[str]) -> None:
     for key in keys:
         if key in RUNTIME_OPTIONS and key not in fields:
             raise UserError(f"{key} is a runtime option, not a hyperparameter (it never changes the run id): give "
-                            f"it as --{key.replace('_', '-')} instead of --set {key}=...")
+                            f"it as {option_name(key)} instead of --set {key}=...")
 
 
 def resolve_hparams(method_cls: type[Method], preset: str, dataset: str, epochs: int | None,

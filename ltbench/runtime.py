@@ -122,6 +122,13 @@ def cli_fields(all_fields: bool = False) -> list[dataclasses.Field]:
     return fields if all_fields else [f for f in fields if f.metadata["cli"] is not None]
 
 
+def option_name(name: str) -> str:
+    """The command-line spelling of a runtime option (``progress`` is ``--quiet``, ``compile`` ``--compile``)."""
+    f = next(f for f in cli_fields(all_fields=True) if f.name == name)
+    declared = f.metadata["cli"] or "--" + name.replace("_", "-")
+    return declared.split("/")[0]
+
+
 def suite_keys() -> tuple[str, ...]:
     """Runtime options a reproduction suite's ``runtime:`` block may set."""
     return tuple(f.name for f in cli_fields() if f.metadata["suite"])
