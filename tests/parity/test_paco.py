@@ -152,13 +152,8 @@ def _released_schedule(script: str) -> dict:
     return released_functions(REPO / script, ("adjust_learning_rate",), {"math": math})
 
 
-def test_cifar_warmup_and_step_schedule_every_epoch():
-    """paco_cifar.adjust_learning_rate (warm-up lr*(e+1)/10 while e <= 10, x0.1 after 320, x0.01 after 360) vs
-    ltbench's timm schedule of the paco paper preset. Equal at every epoch but e = 10, the released ``e <= 10``
-    quirk (1.1 x lr for one epoch) that docs/fidelity.md lists."""
-    fn = _released_schedule("paco_cifar.py")["adjust_learning_rate"]
-    hp = lt.preset_hparams("paco", "cifar100lt", "paper")
-    args = argparse.Namespace(lr=hp.lr, warmup_epochs=10, epochs=hp.epochs)
+def _both_schedules(fn, args: argparse.Namespace, hp) -> tuple[list[float], list[float]]:
+    """The lr of every epoch under the released ``adjust_learning_rate`` and under ltbench's schedule."""
     opt = SimpleNamespace(param_groups=[{}])
     theirs = []
     for epoch in range(hp.epochs):
@@ -166,6 +161,17 @@ def test_cifar_warmup_and_step_schedule_every_epoch():
         theirs.append(opt.param_groups[0]["lr"])
     param = torch.nn.Parameter(torch.zeros(1))
     ours = lt.lr_per_step(hp, torch.optim.SGD([param], lr=hp.effective_lr()), steps=1, epochs=range(hp.epochs))
+    return theirs, ours
+
+
+def test_cifar_warmup_and_step_schedule_every_epoch():
+    """paco_cifar.adjust_learning_rate (warm-up lr*(e+1)/10 while e <= 10, x0.1 after 320, x0.01 after 360) vs
+    ltbench's timm schedule of the paco paper preset. Equal at every epoch but e = 10, the released ``e <= 10``
+    quirk (1.1 x lr for one epoch) that docs/fidelity.md lists."""
+    fn = _released_schedule("paco_cifar.py")["adjust_learning_rate"]
+    hp = lt.preset_hparams("paco", "cifar100lt", "paper")
+    args = argparse.Namespace(lr=hp.lr, warmup_epochs=10, epochs=hp.epochs)
+    theirs, ours = _both_schedules(fn, args, hp)
     diffs = np.abs(np.array(ours) - np.array(theirs))
     assert np.flatnonzero(diffs > 1e-12).tolist() == [10]
     record("PaCo CIFAR lr, 400 epochs except e=10", float(np.delete(diffs, 10).max()))
@@ -178,11 +184,5 @@ def test_large_dataset_warmup_and_cosine_every_epoch(dataset):
     fn = _released_schedule("paco_lt.py")["adjust_learning_rate"]
     hp = lt.preset_hparams("paco", dataset, "paper")
     args = argparse.Namespace(lr=hp.lr, warmup_epochs=10, epochs=hp.epochs, cos=True, schedule=())
-    opt = SimpleNamespace(param_groups=[{}])
-    theirs = []
-    for epoch in range(hp.epochs):
-        fn(opt, epoch, args)
-        theirs.append(opt.param_groups[0]["lr"])
-    param = torch.nn.Parameter(torch.zeros(1))
-    ours = lt.lr_per_step(hp, torch.optim.SGD([param], lr=hp.effective_lr()), steps=1, epochs=range(hp.epochs))
+    theirs, ours = _both_schedules(fn, args, hp)
     assert record(f"PaCo {dataset} lr (warm-up 10 + cosine), 400 epochs", max_abs(ours, theirs)) <= 1e-12
