@@ -87,6 +87,9 @@ class TrainHparams:
     warmup_prefix: bool = engine_hook(False)  # the schedule after the warm-up spans the remaining epochs (PaCo)
     drop_last: bool = engine_hook(False)  # drop the last incomplete batch of each epoch
     sampler: str = engine_hook("instance")  # instance | class_balanced (augment.SAMPLERS)
+    # (gpus, accum_iter): read the per-step schedule where a released loop on that many GPUs, accumulating that many
+    # iterations, last stepped it before each optimizer step (update_offsets); () = at the step itself
+    sched_released_layout: tuple[int, ...] = engine_hook(())
 
     def validate(self) -> None:
         """Reject contradictory or out-of-range settings with a message that says which field."""
@@ -110,6 +113,11 @@ class TrainHparams:
         check(len(self.opt_betas) in (0, 2) and all(0 <= b < 1 for b in self.opt_betas),
               "opt_betas must be two numbers in [0, 1) (or empty for the optimizer's defaults)")
         check(0 <= self.layer_decay <= 1, "layer_decay must be in [0, 1] (0 = off)")
+        layout = self.sched_released_layout
+        check(not layout or (len(layout) == 2 and min(layout) >= 1 and self.sched_per_step
+                             and self.batch_size % (layout[0] * layout[1]) == 0),
+              "sched_released_layout must be empty or (gpus, accum_iter) >= 1 dividing batch_size, with "
+              "sched_per_step=true")
         check(self.optimizer in {"sgd", "adamw"}, f"optimizer must be sgd or adamw, not {self.optimizer!r}")
         check(self.sched in {"multistep", "cosine"}, f"sched must be multistep or cosine, not {self.sched!r}")
         check(self.sam_rho >= 0, "sam_rho must be >= 0")
@@ -166,6 +174,26 @@ def eval_interval(hp: TrainHparams, train_images_per_epoch: int, eval_images: in
         return hp.eval_every
     passes = 6 if hp.uses_sam else 3
     return max(1, math.ceil(eval_images / (EVAL_BUDGET * passes * max(1, train_images_per_epoch))))
+
+
+def update_offsets(hp: TrainHparams, steps: int, epoch_images: int) -> list[float]:
+    """Where in its epoch, in optimizer updates, each of the ``steps`` updates reads a per-step schedule.
+
+    By default update k reads it at k. With ``sched_released_layout = (gpus, accum)`` it reads it where DeiT-LT's
+    released ``train_one_epoch`` last stepped it: that loop steps the schedule at epoch + i / L at loader
+    iterations i % accum == 0 and at the last one, and updates at (i + 1) % accum == 0 and at the last one, with
+    L = ceil(epoch_images / gpus / per-GPU batch) iterations per GPU. So update k reads it at iteration accum * k,
+    and the last update at L - 1.
+    """
+    if not hp.sched_released_layout:
+        return list(range(steps))
+    gpus, accum = hp.sched_released_layout
+    iterations = math.ceil(epoch_images // gpus / (hp.batch_size // (gpus * accum)))
+    if math.ceil(iterations / accum) != steps:
+        raise UserError(f"sched_released_layout {gpus} GPUs x {accum} accumulations makes "
+                        f"{math.ceil(iterations / accum)} updates an epoch where this run makes {steps}; unset it.")
+    iteration = [accum * k for k in range(steps - 1)] + [iterations - 1]
+    return [i / iterations * steps for i in iteration]
 
 
 def rescale_epochs(hp: TrainHparams, epochs: int, keep: Iterable[str] = ()) -> TrainHparams:

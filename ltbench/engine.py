@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ltbench import augment, distributed
-from ltbench.config import RunConfig, TrainHparams, eval_interval
+from ltbench.config import RunConfig, TrainHparams, eval_interval, update_offsets
 from ltbench.data import InMemorySplit, LTData
 from ltbench.errors import UserError
 from ltbench.evaluate import Evaluator, predict_split
@@ -77,6 +77,7 @@ class Trainer:
             raise UserError(f"The training split has {len(data.train)} images, fewer than one batch of "
                             f"{hp.batch_size} with drop_last: lower batch_size with --set batch_size=N.")
         self.steps_per_epoch = self._steps_per_epoch()
+        self.update_offsets = update_offsets(hp, self.steps_per_epoch, self.epoch_images)
         self.scheduler = self._build_scheduler()
         self.sam = SAM(self.method.trainable()) if hp.uses_sam else None
         self.ema = self._build_ema()  # before compiling: the EMA copy must not share the compiled forward
@@ -169,6 +170,7 @@ class Trainer:
         # the world), so that the schedule has exactly the updates an epoch makes
         order = augment.epoch_order(len(self.data.train), self.data.train.labels, torch.Generator(), self._sampler(),
                                     self.hp.repeated_aug)
+        self.epoch_images = len(order)
         batches = augment.MicroBatchSampler(order, self.hp.batch_size, self.hp.batch_size,
                                             self.hp.drop_last, world=self.dist.world)
         return max(1, len(batches.steps))
@@ -253,7 +255,7 @@ class Trainer:
             steps = loader.batch_sampler.steps
             for step, micro_batches in enumerate(group_steps(loader, loader.batch_sampler.group_sizes)):
                 if self.hp.sched_per_step:
-                    self.scheduler.step_update(epoch * self.steps_per_epoch + step)
+                    self.scheduler.step_update(epoch * self.steps_per_epoch + self.update_offsets[step])
                 logs = self.step(micro_batches, epoch, global_size=steps[step][1], index=step)
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0) + v

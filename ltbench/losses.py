@@ -124,10 +124,19 @@ def cb_focal_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: tor
     return (weights * modulator * bce).sum() / labels.sum()
 
 
-def balanced_bce_loss(logits: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor,
+def prior_log_odds(counts: Sequence[int]) -> torch.Tensor:
+    """log(pi_c) - log(1 - pi_c) per class, float32 (pi_c = n_c / N): the prior's logit, the offset that makes
+    a one-vs-all sigmoid balanced, as LiVT's released Bal-BCE adds it (util/loss.py ``_bal_sigmod_bias``)."""
+    counts_t = _counts_tensor(counts)
+    prior = counts_t / counts_t.sum()
+    return (prior.log() - (1 - prior).log()).float()
+
+
+def balanced_bce_loss(logits: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor,
                       tau: float = 1.0) -> torch.Tensor:
-    """Balanced binary cross-entropy (LiVT, Xu et al. 2023): one-vs-all sigmoid BCE on ``logits + tau * log_prior``
+    """Balanced binary cross-entropy (LiVT, Xu et al. 2023): one-vs-all sigmoid BCE on ``logits + tau * bias``
     against (soft, e.g. Mixup) ``targets``, summed over classes and averaged over the batch; inference uses the
-    raw logits. The logit-adjustment offset in the sigmoid form."""
-    adjusted = logits + tau * log_prior.to(logits.dtype)
+    raw logits. ``bias`` is :func:`prior_log_odds` in LiVT's released code, or :func:`log_prior` (the
+    logit-adjustment offset carried over to the sigmoid)."""
+    adjusted = logits + tau * bias.to(logits.dtype)
     return F.binary_cross_entropy_with_logits(adjusted, targets.to(logits.dtype), reduction="sum") / len(logits)

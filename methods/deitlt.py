@@ -60,9 +60,12 @@ def _with_drw(presets: dict, drw: dict[str, dict[str, int]]) -> dict:
 # (E, K) = (1200, 1100) CIFAR, (1400, 1200) ImageNet-LT, (1000, 900) iNat: the last ~100-200 epochs re-weight.
 # The released ImageNet-LT and iNat scripts do not pass --no-mixup-drw: Mixup/CutMix stay on through DRW there.
 _LARGE_KEEP_MIXUP = {"imagenetlt": {"mixup_after_drw": True}, "inat2018": {"mixup_after_drw": True}}
+# The released scripts train CIFAR on 2 GPUs and ImageNet-LT / iNat on 4, accumulating 4 iterations per update;
+# the paper recipes read the per-step lr where that loop does (config.update_offsets).
 DEITLT_PRESETS = _with_drw(VIT_PRESETS, {
-    "paper": {"*": {"drw_epoch": 1100}, "imagenetlt": {"drw_epoch": 1200, "mixup_after_drw": True},
-              "inat2018": {"drw_epoch": 900, "mixup_after_drw": True}},
+    "paper": {"*": {"drw_epoch": 1100, "sched_released_layout": [2, 4]},
+              "imagenetlt": {"drw_epoch": 1200, "mixup_after_drw": True, "sched_released_layout": [4, 4]},
+              "inat2018": {"drw_epoch": 900, "mixup_after_drw": True, "sched_released_layout": [4, 4]}},
     "short": {"*": {"drw_epoch": 50}, **_LARGE_KEEP_MIXUP},
     "tiny": {"*": {"drw_epoch": 8}, **_LARGE_KEEP_MIXUP},
 })

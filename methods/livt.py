@@ -12,8 +12,10 @@ seed and preset and every fine-tuning run with those settings reuses it.
 
 Stage 2, Balanced Fine-Tuning (``livt``): the same ViT, initialised from the stage-1 encoder (every weight but
 the classifier), fine-tuned with DeiT's augmentation (RandAugment, Mixup 0.8 / CutMix 1.0, smoothing 0.1,
-erasing 0.25) and the Balanced BCE loss: sigmoid BCE on z + tau log(prior) against the soft targets
-(:func:`ltbench.losses.balanced_bce_loss`); prediction uses the raw logits. AdamW with layer-wise lr decay 0.75,
+erasing 0.25) and the Balanced BCE loss (:func:`ltbench.losses.balanced_bce_loss`): sigmoid BCE on
+z + tau (log(pi) - log(1 - pi)) against the soft targets, pi the training prior, as LiVT's released util/loss.py adds
+it (``bal_bias=log_odds``; ``bal_bias=log_prior`` adds tau log(pi), the logit-adjustment offset, which ltbench used
+before VERSION 2); prediction uses the raw logits. AdamW with layer-wise lr decay 0.75,
 weight decay 0.05, lr 1e-3 per 256 images (MAE's rule), 5 warm-up epochs, cosine to 1e-6, drop path 0.1.
 
 Recipes (LiVT's README, released ImageNet-LT log and MAE's defaults; peers.md §2.5): MGP 800 epochs, batch 4096,
@@ -40,7 +42,7 @@ from torch import nn
 from ltbench import augment
 from ltbench.config import RunConfig, check
 from ltbench.errors import UserError
-from ltbench.losses import balanced_bce_loss, log_prior
+from ltbench.losses import balanced_bce_loss, log_prior, prior_log_odds
 from ltbench.method import upstream_reference
 from ltbench.models import vit
 from ltbench.resolve import make_config
@@ -183,7 +185,8 @@ class LiVTPretrain(ERMViT):
 
 @dataclass
 class LiVTHparams(ViTHparams):
-    bal_tau: float = 1.0  # strength of the log-prior offset of Balanced BCE
+    bal_tau: float = 1.0  # strength of Balanced BCE's prior offset
+    bal_bias: str = "log_odds"  # the offset: log_odds = log(pi) - log(1 - pi) (released code), log_prior = log(pi)
     layer_decay: float = 0.75  # the engine's layer-wise lr decay hook
     pretrain_run: str = ""  # an existing finished livt_mgp run instead of a trained-on-demand one
     pretrain_preset: str = ""  # the MGP run's preset; "" = this run's
@@ -192,8 +195,11 @@ class LiVTHparams(ViTHparams):
     def validate(self) -> None:
         super().validate()
         check(self.bal_tau >= 0, "bal_tau must be >= 0")
+        check(self.bal_bias in BAL_BIASES, f"bal_bias must be one of {', '.join(BAL_BIASES)}")
         check(0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]")
 
+
+BAL_BIASES = {"log_odds": prior_log_odds, "log_prior": log_prior}  # bal_bias: the per-class offset from the counts
 
 # the encoder settings a fine-tuning run must share with its MGP run
 _ENCODER_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "normalize")
@@ -204,6 +210,7 @@ class LiVT(ERMViT):
 
     Hparams = LiVTHparams
     presets = BFT_PRESETS
+    VERSION = 2  # 2: Bal-BCE's offset is the released log(pi) - log(1 - pi) (was log(pi), now bal_bias=log_prior)
 
     @classmethod
     def requires(cls, config: RunConfig) -> dict[str, RunConfig | str]:
@@ -215,7 +222,7 @@ class LiVT(ERMViT):
     def __init__(self, hp: LiVTHparams, info, device, upstream) -> None:
         super().__init__(hp, info, device, upstream)
         self.load_pretrained(upstream["pretrain"])
-        self.log_prior = log_prior(info.train_counts).to(device)
+        self.bal_offset = BAL_BIASES[hp.bal_bias](info.train_counts).to(device)
 
     def load_pretrained(self, pretrain) -> None:
         """Every encoder weight from the MGP run's checkpoint; the classifier stays freshly initialised."""
@@ -234,4 +241,4 @@ class LiVT(ERMViT):
 
     def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, soft, _ = batch
-        return balanced_bce_loss(self.model(x).float(), soft, self.log_prior, self.hp.bal_tau), {}
+        return balanced_bce_loss(self.model(x).float(), soft, self.bal_offset, self.hp.bal_tau), {}

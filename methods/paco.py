@@ -3,10 +3,11 @@
 Model (baselines.md §5.1): a query network (backbone, projection MLP Linear-BN-ReLU-Linear to
 ``moco_dim``, and a linear classifier with bias on the pooled feature: the parametric class centres)
 and a key encoder, a momentum copy (m = 0.999) of backbone and MLP, with a queue of ``moco_k``
-normalised keys and their labels (random at start). Per step the key encoder embeds the second view,
-the contrast set is [queries, keys, queue] and then the keys are enqueued. The loss (§5.2,
-:func:`ltbench.losses.paco_loss`) adds log(n_c / N) to the centre logits in training only; inference
-(and the teacher logits, deitlt.md §2.1) is the linear classifier on the pooled feature.
+keys and their labels (random at start: normalised over the K entries as the released code does, so the
+first K / batch steps contrast against short keys; ``queue_init=unit`` starts from unit keys). Per step
+the key encoder embeds the second view, the contrast set is [queries, keys, queue] and then the keys
+are enqueued. The loss (§5.2, :func:`ltbench.losses.paco_loss`) adds log(n_c / N) to the centre logits in
+training only; inference (and the teacher logits, deitlt.md §2.1) is the linear classifier on the pooled feature.
 
 Engine mapping: the key encoder runs once per step in ``prepare`` (train-mode BatchNorm, no gradient),
 so SAM's second pass sees the same keys and queue; the momentum update is in ``after_step``; key
@@ -48,6 +49,8 @@ from ltbench.config import check
 from ltbench.losses import paco_loss
 from ltbench.resolve import layered
 
+QUEUE_INIT_DIMS = {"released": 0, "unit": 1}  # queue_init: the dimension the random initial queue is normalised over
+
 
 @dataclass
 class PaCoHparams(CNNHparams):
@@ -59,6 +62,9 @@ class PaCoHparams(CNNHparams):
     beta: float = 1.0  # weight of the own-class centre
     gamma: float = 1.0  # weight of the contrast samples in the denominator
     cutout: int = 16
+    # the random initial queue: released = normalised over the K entries (MoCo's dim-0 line, kept by PaCo's (K, dim)
+    # queue, so a key has norm ~sqrt(dim / K)); unit = every key of norm 1 (ltbench before VERSION 2)
+    queue_init: str = "released"
     drop_last: bool = True  # full batches only, as the reference (the queue advances by whole batches)
     warmup_prefix: bool = False  # True: a cosine schedule spans the epochs after the warm-up (ImageNet-LT / iNat)
     # the CIFAR recipe
@@ -76,6 +82,7 @@ class PaCoHparams(CNNHparams):
         check(self.moco_dim >= 1, "moco_dim must be >= 1")
         check(self.moco_k >= self.batch_size, "moco_k (the queue length) must be >= batch_size")
         check(0 <= self.moco_m < 1, "moco_m must be in [0, 1)")
+        check(self.queue_init in QUEUE_INIT_DIMS, f"queue_init must be one of {', '.join(QUEUE_INIT_DIMS)}")
         check(self.temperature > 0, "temperature must be > 0")
         check(min(self.alpha, self.beta, self.gamma) >= 0 and self.alpha + self.beta > 0,
                "alpha, beta and gamma must be >= 0, and alpha + beta > 0")
@@ -121,14 +128,14 @@ class PaCoNet(nn.Module):
 class KeyEncoder(nn.Module):
     """Momentum copy of backbone and projection MLP, plus the queue of keys and labels (all checkpointed)."""
 
-    def __init__(self, query_net: PaCoNet, size: int, num_classes: int) -> None:
+    def __init__(self, query_net: PaCoNet, size: int, num_classes: int, init: str = "released") -> None:
         super().__init__()
         self.backbone = copy.deepcopy(query_net.backbone)
         self.projector = copy.deepcopy(query_net.projector)
         for param in self.parameters():
             param.requires_grad_(False)
         dim = self.projector[-1].out_features
-        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=QUEUE_INIT_DIMS[init]))
         self.register_buffer("queue_labels", torch.randint(0, num_classes, (size,)))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
@@ -161,6 +168,7 @@ class PaCo(ERMCNN):
     """Parametric contrastive learning: momentum keys, a queue and learnable class centres (logit-adjusted)."""
 
     Hparams = PaCoHparams
+    VERSION = 2  # 2: the initial queue is normalised as the released code does (was per key: queue_init=unit)
     batch_structure = "(query_view, y, keys, queue, queue_labels)"
     presets = {
         "paper": PACO_PAPER,
@@ -174,7 +182,7 @@ class PaCo(ERMCNN):
 
     def __init__(self, hp: PaCoHparams, info, device, upstream) -> None:
         super().__init__(hp, info, device, upstream)
-        self.key = KeyEncoder(self.model, hp.moco_k, info.num_classes)
+        self.key = KeyEncoder(self.model, hp.moco_k, info.num_classes, hp.queue_init)
         counts = torch.tensor(info.train_counts, dtype=torch.float64)
         self.log_prior = (counts / counts.sum()).log().float().to(device)
 

@@ -10,7 +10,7 @@ from ltbench.methods.livt import MaskedAutoencoder, reconstruction_loss
 from ltbench import resolve, stages
 from ltbench.engine import Trainer
 from ltbench.errors import UserError
-from ltbench.losses import balanced_bce_loss
+from ltbench.losses import balanced_bce_loss, prior_log_odds
 from ltbench.records import run_record
 from ltbench.registry import METHODS
 from ltbench.runtime import Runtime
@@ -47,7 +47,8 @@ def test_pretraining_runs_once_and_fine_tuning_starts_from_its_encoder(tmp_path)
     assert pretrain.record.result()["final"]["heads"]["main"]["top1"] >= 0  # the probe gives the MGP run a number
     batch = first.method.prepare(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
     loss, _ = first.method.loss(batch)
-    expected = balanced_bce_loss(first.method.model(batch[0]), batch[1], first.method.log_prior, 1.0)
+    offset = prior_log_odds(first.method.info.train_counts)  # LiVT's released Bal-BCE offset, the default
+    expected = balanced_bce_loss(first.method.model(batch[0]), batch[1], offset, 1.0)
     assert torch.allclose(loss, expected)
     with pytest.raises(UserError, match="another encoder"):
         _trainer(tmp_path, f"pretrain_run={pretrain.record.run_id}", "embed_dim=32")

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from ltbench.config import update_offsets
 from ltbench.engine import Trainer
 from ltbench.records import run_record
 from ltbench.registry import EVALUATORS, METHODS
@@ -22,7 +23,8 @@ from ltbench.seeding import seed_hash
 from ltbench.stages import load_data
 from ltbench.teacher import teacher_input
 
-__all__ = ["lr_per_step", "preset_hparams", "sam_rho", "seed_hash", "steps_per_epoch", "teacher_input", "trainer"]
+__all__ = ["lr_per_step", "preset_hparams", "sam_rho", "seed_hash", "steps_and_offsets", "steps_per_epoch",
+           "teacher_input", "trainer"]
 
 
 def preset_hparams(method: str, dataset: str, preset: str = "paper", sets: tuple[str, ...] = ()) -> Any:
@@ -45,14 +47,23 @@ class _Split:
 
 def steps_per_epoch(hp: Any, labels: Any, world: int = 1) -> int:
     """Optimizer steps of one epoch as the engine counts them (``Trainer._steps_per_epoch``)."""
+    return steps_and_offsets(hp, labels, world)[0]
+
+
+def steps_and_offsets(hp: Any, labels: Any, world: int = 1) -> tuple[int, list[float]]:
+    """Optimizer steps of one epoch, and where each reads a per-step schedule (``config.update_offsets``), as the
+    engine computes them in ``Trainer.__init__``."""
     fake = SimpleNamespace(hp=hp, data=SimpleNamespace(train=_Split(labels)), dist=SimpleNamespace(world=world))
     fake._sampler = lambda: Trainer._sampler(fake)
-    return Trainer._steps_per_epoch(fake)
+    steps = Trainer._steps_per_epoch(fake)
+    return steps, update_offsets(hp, steps, fake.epoch_images)
 
 
-def lr_per_step(hp: Any, optimizer: Any, steps: int, epochs: range) -> list[float]:
+def lr_per_step(hp: Any, optimizer: Any, steps: int, epochs: range, offsets: list[float] | None = None) -> list[float]:
     """The lr of every optimizer step of ``epochs``, stepped as ``Trainer.train_epoch`` steps the schedule:
-    ``scheduler.step(epoch)`` per epoch, or ``step_update(epoch * steps + step)`` before each step."""
+    ``scheduler.step(epoch)`` per epoch, or ``step_update(epoch * steps + offsets[step])`` before each step
+    (``offsets`` from :func:`steps_and_offsets`; by default the step itself)."""
+    offsets = list(range(steps)) if offsets is None else offsets
     scheduler = build_scheduler(hp, optimizer, steps)
     out = []
     for epoch in epochs:
@@ -60,7 +71,7 @@ def lr_per_step(hp: Any, optimizer: Any, steps: int, epochs: range) -> list[floa
             scheduler.step(epoch)
         for step in range(steps):
             if hp.sched_per_step:
-                scheduler.step_update(epoch * steps + step)
+                scheduler.step_update(epoch * steps + offsets[step])
             out.append(optimizer.param_groups[0]["lr"])
     return out
 
