@@ -202,12 +202,20 @@ def test_latex_escaping_and_balance():
     assert "erm_vit" not in tex.replace("erm\\_vit", "")
 
 
-@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
-def test_latex_compiles(tmp_path):
-    (tmp_path / "table.tex").write_text(render("latex", heads=True, compare="paper"))
+LATEX_DOCUMENT = "\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\begin{document}\n%s\n\\end{document}\n"
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("standalone", [False, True], ids=["fragment-in-article", "standalone"])
+def test_latex_compiles(tmp_path, standalone):
+    """The pasteable fragment inside the minimal document its header comment asks for (article + booktabs), and
+    the --standalone document as it is."""
+    source = render("latex", heads=True, compare="paper", standalone=standalone)
+    (tmp_path / "table.tex").write_text(source if standalone else LATEX_DOCUMENT % source)
     done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "table.tex"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout[-2000:]
+    assert (tmp_path / "table.pdf").stat().st_size > 1000
 
 
 def test_json_and_html_keep_the_numbers():
