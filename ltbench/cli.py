@@ -182,7 +182,7 @@ def list_(what: str) -> None:
             console.print(f"{name}: {', '.join(sorted(cls.presets))} (default {cls.default_preset})")
         return
     registry = {"methods": METHODS, "datasets": DATASETS, "evaluators": EVALUATORS}[what]
-    rows = [(name, registry.source(name), doc_summary(name, cls)) for name, cls in registry]
+    rows = [(name, source, doc_summary(name, doc)) for name, source, doc in registry.listing()]
     print_listing(("name", "source", "description"), rows)
 
 

@@ -269,9 +269,9 @@ def print_listing(columns: tuple[str, ...], rows: list[tuple[str, ...]], title: 
         click.echo("  ".join([*cells, row[-1]]))
 
 
-def doc_summary(name: str, cls: type) -> str:
-    """The docstring's first line as plain text: RST roles and literals unwrapped, a leading ``name:`` dropped."""
-    lines = (cls.__doc__ or "").strip().splitlines()
+def doc_summary(name: str, doc: str) -> str:
+    """A docstring's first line as plain text: RST roles and literals unwrapped, a leading ``name:`` dropped."""
+    lines = doc.strip().splitlines()
     text = re.sub(r":\w+:`~?([^`]+)`", r"\1", lines[0] if lines else "")
     text = re.sub(r"``([^`]+)``", r"\1", text)
     return text.removeprefix(f"{name}: ")

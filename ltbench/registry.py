@@ -6,9 +6,11 @@ so there is one discovery path. The decorator exists for plugins defined in scri
 
 from __future__ import annotations
 
+import ast
 import difflib
+import importlib.util
 from collections.abc import Callable, Iterator
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Generic, TypeVar
 
 from ltbench.errors import UserError
@@ -59,11 +61,7 @@ class Registry(Generic[T]):
         """Where an entry comes from: ``built-in``, ``plugin <package>`` or, for a decorator, ``<module>``."""
         self._discover()
         distribution = self._distributions.get(name)
-        if distribution == "ltbench":
-            return "built-in"
-        if distribution:
-            return f"plugin {distribution}"
-        return self._entries[name].__module__
+        return _source_label(distribution) if distribution else self._entries[name].__module__
 
     def names(self) -> list[str]:
         self._discover()
@@ -91,9 +89,43 @@ class Registry(Generic[T]):
             self.add(ep.name, cls)
             self._distributions[ep.name] = ep.dist.name if ep.dist is not None else ""
 
+    def listing(self) -> list[tuple[str, str, str]]:
+        """(name, source, docstring) of every entry, read from the plugin modules' source where possible, so that
+        ``ltbench list`` does not import the training stack (torch, timm) that the modules import. An entry whose
+        source cannot be read (compiled, generated, or a class without its own docstring) is imported."""
+        rows = {name: (self.source(name), cls.__doc__ or "") for name, cls in self._entries.items()}
+        if not self._discovered:
+            for ep in entry_points(group=self.group):
+                if ep.name not in rows:
+                    doc = _source_docstring(ep)
+                    source = _source_label(ep.dist.name if ep.dist is not None else "")
+                    rows[ep.name] = (source, doc) if doc is not None else (self.source(ep.name),
+                                                                             self.get(ep.name).__doc__ or "")
+        return [(name, source, doc) for name, (source, doc) in sorted(rows.items())]
+
     def refresh(self) -> None:
         """Re-read entry points (after installing a plugin package in the same process)."""
         self._discovered = False
+
+
+def _source_label(distribution: str) -> str:
+    return "built-in" if distribution == "ltbench" else f"plugin {distribution}"
+
+
+def _source_docstring(ep: EntryPoint) -> str | None:
+    """The docstring of the class an entry point names, from its module's source without running the module."""
+    try:
+        spec = importlib.util.find_spec(ep.module)  # imports the parent packages only (light __init__ files)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            return None
+        with open(spec.origin, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read())
+    except (ImportError, OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == ep.attr:
+            return ast.get_docstring(node, clean=False)
+    return None
 
 
 def _qualname(cls: type) -> str:

@@ -102,3 +102,18 @@ def test_real_cifar10_lt_end_to_end(cli, cifar_root, tmp_path):
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "ltbench", "list", "datasets"], capture_output=True, text=True)
     assert out.returncode == 0 and "cifar100lt" in out.stdout
+
+
+def test_registry_listing_reads_the_plugins_without_importing_the_training_stack():
+    """`ltbench list` shows every entry's docstring from its module's source: torch and timm stay unimported, and
+    the rows equal those of the loaded classes."""
+    code = ("import json, sys; from ltbench.registry import METHODS, DATASETS, EVALUATORS; "
+            "rows = [r.listing() for r in (METHODS, DATASETS, EVALUATORS)]; "
+            "assert not {'torch', 'timm'} & set(sys.modules), sorted({'torch', 'timm'} & set(sys.modules)); "
+            "print(json.dumps(rows))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from ltbench.registry import DATASETS, EVALUATORS, METHODS
+
+    loaded = [[[name, r.source(name), cls.__doc__ or ""] for name, cls in r] for r in (METHODS, DATASETS, EVALUATORS)]
+    assert json.loads(done.stdout) == loaded and len(loaded[0]) >= 14
