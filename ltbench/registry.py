@@ -60,6 +60,9 @@ class Registry(Generic[T]):
     def source(self, name: str) -> str:
         """Where an entry comes from: ``built-in``, ``plugin <package>`` or, for a decorator, ``<module>``."""
         self._discover()
+        return self._label(name)
+
+    def _label(self, name: str) -> str:
         distribution = self._distributions.get(name)
         return _source_label(distribution) if distribution else self._entries[name].__module__
 
@@ -93,15 +96,17 @@ class Registry(Generic[T]):
         """(name, source, docstring) of every entry, read from the plugin modules' source where possible, so that
         ``ltbench list`` does not import the training stack (torch, timm) that the modules import. An entry whose
         source cannot be read (compiled, generated, or a class without its own docstring) is imported."""
-        rows = {name: (self.source(name), cls.__doc__ or "") for name, cls in self._entries.items()}
         if not self._discovered:
+            rows = {name: (self._label(name), cls.__doc__ or "") for name, cls in self._entries.items()}
             for ep in entry_points(group=self.group):
-                if ep.name not in rows:
-                    doc = _source_docstring(ep)
-                    source = _source_label(ep.dist.name if ep.dist is not None else "")
-                    rows[ep.name] = (source, doc) if doc is not None else (self.source(ep.name),
-                                                                             self.get(ep.name).__doc__ or "")
-        return [(name, source, doc) for name, (source, doc) in sorted(rows.items())]
+                doc = None if ep.name in rows else _source_docstring(ep)
+                if doc is None and ep.name not in rows:
+                    break  # unreadable: load them all below
+                if doc is not None:
+                    rows[ep.name] = (_source_label(ep.dist.name if ep.dist is not None else ""), doc)
+            else:
+                return [(name, source, doc) for name, (source, doc) in sorted(rows.items())]
+        return [(name, self.source(name), cls.__doc__ or "") for name, cls in self]
 
     def refresh(self) -> None:
         """Re-read entry points (after installing a plugin package in the same process)."""
