@@ -58,6 +58,9 @@ class ResultFile(_Open):
     best: EvaluatedEpoch | None = None
     class_counts: list[Count] | None = None
     eval_every: Count | None = None
+    device: str | None = None
+    wall_time_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    images_per_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
 
 class MetricsRow(_Open):
