@@ -143,7 +143,7 @@ def eval_(run_ref, heads, recompute, taus, **rt) -> None:
               help="Add the published numbers (ltbench/reference/paper_numbers.csv) and the difference.")
 @click.option("--adjust", type=float, default=None, metavar="TAU",
               help="Also rows of post-hoc logit adjustment at TAU (from `ltbench eval RUN --adjust TAU`).")
-@click.option("--digits", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--digits", type=click.IntRange(min=0, max=10), default=2, show_default=True)
 @click.option("--standalone", is_flag=True,
               help="LaTeX: a document that compiles on its own instead of a booktabs table to paste.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to FILE.")

@@ -203,7 +203,7 @@ class Trainer:
             self.start_epoch, self.best = ckpt["epoch"], ckpt["best"]
             self.train_time, self.train_images = ckpt["train_time"], ckpt["train_images"]
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # missing entries, tensor shape mismatch
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = " ".join(str(exc).split())[:400] or type(exc).__name__  # torch's first line names no tensor
             raise self.record.checkpoint_error(f"it does not match this run's configuration: {reason}") from exc
 
     # --- the loop ------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ Every run file (``result.json``, ``metrics.jsonl`` rows, ``DONE``, ``posthoc_la.
 logits), every sweep grid and every suite's runtime block passes through :func:`validated` (pydantic, strict
 types) or :func:`parse_json` before anything uses it. Unknown extra keys are accepted, so a newer ltbench
 can add fields; the keys named here are checked for type, range and presence. YAML goes through
-:func:`load_yaml`, which refuses alias expansion past :data:`MAX_YAML_ALIASES` (a 1 KB "billion laughs" file
-otherwise expands to gigabytes).
+:func:`load_yaml`, which refuses a file whose aliases expand past :data:`MAX_YAML_VALUES` values (a 1 KB
+"billion laughs" file otherwise expands to gigabytes wherever its values are walked).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pydantic import ValidationError as ValidationError  # re-exported for the r
 
 from ltbench.errors import UserError
 
-MAX_YAML_ALIASES = 100  # anchors reused more often than this are refused: grids and suites need a handful
+MAX_YAML_VALUES = 100_000  # values after expanding aliases; a grid or a suite has a few hundred
 MAX_YAML_BYTES = 1 << 20  # a grid or a suite is a few KB
 
 Percent = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
@@ -173,17 +173,25 @@ def load_yaml(path: Path, what: str) -> Any:
 
 def _loader_with_alias_limit(yaml: Any, path: Path, what: str) -> type:
     class Loader(yaml.SafeLoader):
-        aliases = 0
-
-        def compose_node(self, parent: Any, index: Any) -> Any:
-            if self.check_event(yaml.AliasEvent):
-                self.aliases += 1
-                if self.aliases > MAX_YAML_ALIASES:
-                    raise UserError(f"The {what} {path} uses YAML aliases (*name) more than {MAX_YAML_ALIASES} "
-                                    f"times; expanded, such a file can exhaust memory. Write the values out.")
-            return super().compose_node(parent, index)
+        def compose_document(self) -> Any:
+            node = super().compose_document()
+            if _expanded_size(node, {}) > MAX_YAML_VALUES:
+                raise UserError(f"The {what} {path} expands, through its YAML aliases (*name), to more than "
+                                f"{MAX_YAML_VALUES:,} values, far more than a {what} needs; such a file can exhaust "
+                                f"memory. Write the values out.")
+            return node
 
     return Loader
+
+
+def _expanded_size(node: Any, memo: dict[int, int]) -> int:
+    """The values ``node`` stands for with every alias expanded (each shared node counted once per use)."""
+    if id(node) not in memo:
+        memo[id(node)] = 0  # a recursive alias counts as nothing more
+        children = node.value if isinstance(node.value, list) else []
+        items = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+        memo[id(node)] = min(1 + sum(_expanded_size(item, memo) for item in items), MAX_YAML_VALUES + 1)
+    return memo[id(node)]
 
 
 class GridValues(_Open):

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -198,11 +199,15 @@ def environment(runtime: Runtime) -> dict[str, Any]:
 
 
 def _check_writable(runtime: Runtime) -> None:
+    if runtime.results.exists() and not runtime.results.is_dir():
+        raise UserError(f"The results folder {runtime.results} is a file, not a folder. Choose another with "
+                        f"--results DIR.")
     try:
         runtime.results.mkdir(parents=True, exist_ok=True)
-        probe = runtime.results / ".write-probe"
-        probe.write_text("")
-        probe.unlink()
+        # a probe of its own: two processes starting at once must not remove each other's
+        fd, probe = tempfile.mkstemp(dir=runtime.results, prefix=".write-probe.")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise UserError(f"The results folder {runtime.results} is not writable ({exc.strerror}). "
                         f"Choose another with --results DIR.") from exc
