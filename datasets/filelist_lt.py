@@ -107,6 +107,8 @@ def _entry(line: str, root: Path, first_line: dict[str, int]) -> tuple[tuple[str
     label = _int_or_none(parts[1]) if len(parts) == 2 else None
     if label is None:
         return None, f"malformed line: expected {LINE_FORMAT}, got {line[:120]!r}"
+    if not -2**31 <= label < 2**31:  # no dataset has this many classes, and int64 arrays would overflow
+        return None, f"the label {parts[1][:30]} is far outside any class range"
     relative = inside(root, parts[0])
     if relative is None:
         return None, f"the path {parts[0][:120]!r} leaves the dataset's folder {root}"

@@ -107,7 +107,8 @@ class RunRecord:
                         note(f"note: ignored the torn last line {n} of {path} (a crash mid-write leaves one).")
                     break
                 raise
-            rows.append(schemas.validated(schemas.MetricsRow, row, f"{path} line {n}", fix).model_dump())
+            schemas.validated(schemas.MetricsRow, row, f"{path} line {n}", fix)
+            rows.append(row)
         return rows
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
@@ -204,8 +205,8 @@ class RunRecord:
             with contextlib.suppress(UserError, KeyError, TypeError):
                 payload = self.read_json(name)
                 payload = payload[key] if key else payload
-                if isinstance(payload, dict) and {"method", "dataset"} <= set(payload):
-                    return payload
+                schemas.validated(schemas.ConfigFile, payload, name, "")
+                return payload
         return {"method": "unknown method", "dataset": "unknown dataset", "seed": "?"}
 
     def holds_a_run(self) -> bool:
@@ -227,10 +228,10 @@ class RunRecord:
         if not path.is_file():
             return None
         fix = f"Delete it (rm {path}); `ltbench eval {self.run_id} --adjust TAU` computes it again."
-        payload = schemas.validated(schemas.PosthocFile, schemas.read_json(path, fix), path, fix)
-        if payload.run_id != self.run_id:
-            raise UserError(f"{path} belongs to run {payload.run_id}, not to run {self.run_id}. {fix}")
-        return payload.model_dump()
+        payload = schemas.read_json(path, fix)
+        if schemas.validated(schemas.PosthocFile, payload, path, fix).run_id != self.run_id:
+            raise UserError(f"{path} belongs to run {payload['run_id']}, not to run {self.run_id}. {fix}")
+        return payload
 
     def write_logits(self, logits: dict[str, Any], labels: Any, config: RunConfig) -> None:
         """The final test logits per head (numpy arrays) and the labels, with the run they belong to."""
@@ -333,7 +334,9 @@ def config_problem(folder: Path) -> str | None:
     if not path.is_file():
         return "it has no config.json (deleted?), so what it trained is unknown"
     try:
-        config = RunConfig.from_dict(schemas.read_json(path, ""))
+        payload = schemas.read_json(path, "")
+        schemas.validated(schemas.ConfigFile, payload, "config.json", "")
+        config = RunConfig.from_dict(payload)
         run_id = config.run_id
     except UserError as exc:
         return f"its config.json is unreadable ({str(exc).rstrip('. ')})"

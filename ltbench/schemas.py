@@ -63,6 +63,22 @@ class ResultFile(_Open):
     images_per_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
 
+class DataOptions(_Open):
+    rho: Finite | None = None
+
+
+class ConfigFile(_Open):
+    """config.json: what a report's footnote shows even of a folder whose config no longer hashes to its name."""
+
+    method: str
+    dataset: str
+    data: DataOptions = Field(default_factory=DataOptions)
+    hparams: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+    preset: str = "default"
+    versions: dict[str, Any] = Field(default_factory=dict)
+
+
 class MetricsRow(_Open):
     epoch: Count
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import secrets
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -205,9 +205,9 @@ def _check_writable(runtime: Runtime) -> None:
     try:
         runtime.results.mkdir(parents=True, exist_ok=True)
         # a probe of its own: two processes starting at once must not remove each other's
-        fd, probe = tempfile.mkstemp(dir=runtime.results, prefix=".write-probe.")
-        os.close(fd)
-        os.unlink(probe)
+        probe = runtime.results / f".write-probe.{os.getpid()}.{secrets.token_hex(6)}"
+        probe.write_text("")
+        probe.unlink()
     except OSError as exc:
         raise UserError(f"The results folder {runtime.results} is not writable ({exc.strerror}). "
                         f"Choose another with --results DIR.") from exc
