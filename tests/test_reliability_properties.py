@@ -60,6 +60,10 @@ def finished(tmp_path_factory) -> Path:
     return run
 
 
+def damage(path: Path, data: st.DataObject) -> None:
+    path.write_bytes(data.draw(damaged(path.read_bytes())))
+
+
 def fresh(finished: Path, tmp_path: Path) -> Path:
     target = tmp_path / "results" / "runs" / finished.name
     shutil.rmtree(tmp_path / "results", ignore_errors=True)
@@ -94,7 +98,7 @@ RESULT_KEYS = [["final"], ["final", "epoch"], ["final", "heads"], ["final", "hea
 def test_a_damaged_result_json_is_an_error_never_a_different_number(finished, tmp_path, data):
     run = fresh(finished, tmp_path)
     original = RunRecord(run).result()
-    (run / "result.json").write_bytes(data.draw(damaged((run / "result.json").read_bytes())))
+    damage(run / "result.json", data)
     record = RunRecord(run)
     found, why = record.finished_result()
     assert found is None and "changed after the run finished" in why  # DONE's digest catches every change
@@ -138,7 +142,7 @@ def test_a_damaged_done_marker_is_a_reason_never_a_crash(finished, tmp_path, dat
 def test_a_damaged_metrics_file_is_an_error_or_its_rows(finished, tmp_path, data):
     run = fresh(finished, tmp_path)
     intact = RunRecord(run).metrics()
-    (run / "metrics.jsonl").write_bytes(data.draw(damaged((run / "metrics.jsonl").read_bytes())))
+    damage(run / "metrics.jsonl", data)
     try:
         rows = RunRecord(run).metrics()
     except UserError:
@@ -155,7 +159,7 @@ def test_a_damaged_metrics_file_is_an_error_or_its_rows(finished, tmp_path, data
 def test_a_damaged_or_retyped_config_json_is_a_reason_never_a_crash(finished, tmp_path, data, value, key):
     run = fresh(finished, tmp_path)
     if data.draw(st.booleans()):
-        (run / "config.json").write_bytes(data.draw(damaged((run / "config.json").read_bytes())))
+        damage(run / "config.json", data)
     else:
         payload = json.loads((run / "config.json").read_text())
         payload[key] = value
@@ -173,7 +177,7 @@ def test_a_damaged_or_retyped_config_json_is_a_reason_never_a_crash(finished, tm
 def test_damaged_saved_logits_are_an_error_or_the_same_arrays(finished, tmp_path, data):
     run = fresh(finished, tmp_path)
     intact = RunRecord(run).saved_logits()
-    (run / "test_logits.npz").write_bytes(data.draw(damaged((run / "test_logits.npz").read_bytes())))
+    damage(run / "test_logits.npz", data)
     if data.draw(st.booleans()):
         (run / "DONE").write_bytes(b"")  # no digest: the file's own checks must hold
     try:
