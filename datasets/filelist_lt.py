@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from ltbench.datasets.resized_cache import build_resized_cache, write_atomic
 
 from ltbench.data import IMAGENET_MEAN, IMAGENET_STD, Dataset, DatasetInfo, FileListSplit, LTData, frequency_order
 from ltbench.errors import UserError
+from ltbench.image_cache import build_resized_cache, write_atomic
 
 INAT_MEAN = (0.466, 0.471, 0.380)
 INAT_STD = (0.195, 0.194, 0.192)

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ltbench.datasets.filelist_lt import FileListLT, out_of_range, read_list
-from ltbench.datasets.resized_cache import parallel_map
 from ltbench.errors import UserError
+from ltbench.image_cache import parallel_map
 from ltbench.registry import DATASETS
 
 
