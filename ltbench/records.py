@@ -74,14 +74,15 @@ class RunRecord:
             raise UserError(f"Run folder {self.path} cannot be used: {problem}. {UNUSABLE_RUN_FIX}")
         return RunConfig.from_dict(self.read_json("config.json"))
 
-    def result(self) -> dict[str, Any]:
-        """result.json, checked against the digests DONE recorded and against its schema."""
+    def result(self, trained: bool = True) -> dict[str, Any]:
+        """result.json, checked against the digests DONE recorded and against its schema (``trained``: that of a
+        trained run, with its final evaluation; else also a bench stand-in's, which has only class counts)."""
         problem = self.altered((RESULT, METRICS))
         if problem:
             raise UserError(f"Run {self.run_id} cannot be used: {problem}.")
         label = f"result.json of run {self.run_id}"
         payload = schemas.read_json(self.path / RESULT, RESULT_FIX, label)
-        schemas.validated(schemas.ResultFile, payload, label, RESULT_FIX)
+        schemas.validated(schemas.TrainedResult if trained else schemas.ResultFile, payload, label, RESULT_FIX)
         return payload
 
     def read_json(self, name: str) -> Any:
@@ -167,7 +168,7 @@ class RunRecord:
         if not (self.path / RESULT).is_file():
             return None, "DONE but no result.json"
         try:
-            result = self.result()
+            result = self.result(trained=False)  # a table reads the config from config.json, the numbers from here
         except UserError as exc:
             return None, str(exc).rstrip(".")
         if result.get(select) is None:

@@ -56,7 +56,7 @@ class ResultFile(_Open):
     run_id: str | None = None
     final: EvaluatedEpoch | None = None
     best: EvaluatedEpoch | None = None
-    class_counts: list[Count] | None = None
+    class_counts: list[Count]
     eval_every: Count | None = None
     device: str | None = None
     wall_time_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
@@ -72,11 +72,21 @@ class ConfigFile(_Open):
 
     method: str
     dataset: str
-    data: DataOptions = Field(default_factory=DataOptions)
-    hparams: dict[str, Any] = Field(default_factory=dict)
-    seed: int = 0
+    data: DataOptions
+    hparams: dict[str, Any]
+    seed: int
     preset: str = "default"
     versions: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainedResult(ResultFile):
+    """result.json of a trained run: what ``run``, ``eval`` and a report show of it."""
+
+    run_id: str
+    method: str
+    dataset: str
+    config: ConfigFile
+    final: EvaluatedEpoch
 
 
 class MetricsRow(_Open):
@@ -113,10 +123,16 @@ def validated(model: type[M], payload: Any, file: Path | str, fix: str) -> M:
 def describe(exc: ValidationError) -> str:
     """The first problem of a ValidationError as ``key a.b.c: message (got value)``."""
     first = exc.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    key = ".".join(_key_text(part) for part in first["loc"]) or "(top level)"
     got = repr(first.get("input"))
     got = got if len(got) <= 60 else got[:57] + "..."
     return f"key {key}: {first['msg'].lower()} (got {got})"
+
+
+def _key_text(part: Any) -> str:
+    """A key as text for a one-line message: quoted when it holds spaces, dots or control characters."""
+    text = str(part)
+    return text if text.isidentifier() or text.isdigit() else repr(text)[:40]
 
 
 def parse_json(data: bytes, file: Path | str, fix: str) -> Any:

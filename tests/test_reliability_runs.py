@@ -105,7 +105,7 @@ def test_done_records_the_digests_and_an_intact_run_is_reused(copy_run):
     assert "already finished" in invoke("run", *args_of(run))
     (run / "DONE").write_text('{"sha256": {"result.json": 5}}')
     out = invoke("eval", run.name, "--results", results_of(run), expect=2)
-    assert "DONE is damaged: key sha256.result.json" in out
+    assert "DONE is damaged: key sha256.'result.json'" in out
 
 
 # ---------------------------------------------------------------------------------------------- silently wrong 3
@@ -203,3 +203,14 @@ def test_a_posthoc_file_of_the_wrong_structure_is_refused_by_eval_and_report(cop
     for args in (["eval", run.name, "--adjust", "0.5", "--quiet"], ["report", "--adjust", "1"]):
         out = invoke(*args, "--results", results_of(run), expect=2)
         assert "posthoc_la.json is damaged: key taus.1" in out and "rm " in out
+
+
+def test_an_empty_result_json_under_a_done_without_digests_is_a_one_line_error(copy_run):
+    """The probe's `{}`, in a folder finished before DONE held digests: the schema alone must refuse it."""
+    run = copy_run("a-finished")
+    (run / "result.json").write_text("{}")
+    (run / "DONE").write_bytes(b"")
+    for args in (["run", *args_of(run)], ["eval", run.name, "--results", results_of(run)]):
+        out = invoke(*args, expect=2)
+        assert f"result.json of run {run.name} is damaged: key" in out and "delete result.json and DONE" in out
+    assert f"result.json of run {run.name} is damaged" in invoke("report", "--results", results_of(run), expect=2)
