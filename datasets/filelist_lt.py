@@ -11,21 +11,17 @@ train count (DeiT-LT's and Saddle's label space, where their head/mid/tail index
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from PIL import Image
 
 from ltbench.data import IMAGENET_MEAN, IMAGENET_STD, Dataset, DatasetInfo, FileListSplit, LTData, frequency_order
 from ltbench.errors import UserError
+from ltbench.image_cache import build_resized_cache, write_atomic
 
 INAT_MEAN = (0.466, 0.471, 0.380)
 INAT_STD = (0.195, 0.194, 0.192)
@@ -64,11 +60,13 @@ class ListFile:
 
 
 def read_list(path: Path, strict: bool = True) -> ListFile:
-    """Parse a split list. ``strict``: the first malformed line is a :class:`UserError` naming file and line;
-    otherwise malformed lines are skipped and returned as problems (for ``ltbench data verify``)."""
+    """Parse a split list. ``strict``: the first bad line is a :class:`UserError` naming file and line; otherwise
+    bad lines are skipped and returned as problems (for ``ltbench data verify``). A line is bad when it is not
+    ``<path> <label>``, when its path leaves the list's folder (``../``, or absolute outside it: ltbench would
+    train on, or with ``cache_resized`` write, files elsewhere) or when it repeats an earlier path."""
     try:
         raw = path.read_bytes()
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first path
     except OSError as exc:
         raise UserError(f"Cannot read the split list {path} ({exc.strerror or exc}).") from exc
     except UnicodeDecodeError as exc:
@@ -79,26 +77,53 @@ def read_list(path: Path, strict: bool = True) -> ListFile:
     labels: list[int] = []
     problems: list[tuple[int, str]] = []
     numbers: list[int] = []
+    first_line: dict[str, int] = {}
     for number, line in enumerate(lines, start=1):
-        parts = line.rsplit(None, 1)
-        label = _int_or_none(parts[1]) if len(parts) == 2 else None
-        if label is None:
-            message = f"expected {LINE_FORMAT}, got {line[:120]!r}"
+        entry, message = _entry(line, path.parent, first_line)
+        if entry is None:
             if strict:
-                raise UserError(f"{path}:{number}: malformed line: {message}. Every line of a split list must be "
-                                f"a relative image path, one space and a 0-based class label; fix the line or "
-                                f"fetch an intact copy of the list (see docs/datasets.md).")
+                raise UserError(f"{path}:{number}: {message}. Every line of a split list must be a relative image "
+                                f"path inside {path.parent}, one space and a 0-based class label, each image once; "
+                                f"fix the line or fetch an intact copy of the list (see docs/datasets.md).")
             problems.append((number, message))
             continue
-        paths.append(parts[0])
-        labels.append(label)
+        first_line[entry[0]] = number
+        paths.append(entry[0])
+        labels.append(entry[1])
         if problems:
             numbers.append(number)
+    if strict and not paths:
+        raise UserError(f"The split list {path} has no entries; fetch an intact copy (see docs/datasets.md).")
     line_numbers = None
     if problems:  # entries before the first problem sit on their own index + 1
         line_numbers = np.concatenate([np.arange(1, len(paths) - len(numbers) + 1), np.asarray(numbers, dtype=int)])
     return ListFile(path, paths, np.asarray(labels, dtype=np.int64), hashlib.sha256(raw).hexdigest(), len(lines),
                     problems, line_numbers)
+
+
+def _entry(line: str, root: Path, first_line: dict[str, int]) -> tuple[tuple[str, int] | None, str]:
+    """((relative path, label), "") of a list line, or (None, what is wrong with it)."""
+    parts = line.rsplit(None, 1)
+    label = _int_or_none(parts[1]) if len(parts) == 2 else None
+    if label is None:
+        return None, f"malformed line: expected {LINE_FORMAT}, got {line[:120]!r}"
+    if not -2**31 <= label < 2**31:  # no dataset has this many classes, and int64 arrays would overflow
+        return None, f"the label {parts[1][:30]} is far outside any class range"
+    relative = inside(root, parts[0])
+    if relative is None:
+        return None, f"the path {parts[0][:120]!r} leaves the dataset's folder {root}"
+    if relative in first_line:
+        return None, f"the path {relative[:120]!r} repeats line {first_line[relative]} (an image is listed once)"
+    return (relative, label), ""
+
+
+def inside(root: Path, path: str) -> str | None:
+    """``path`` relative to ``root`` (normalised, without ``..``), or None when it points outside ``root``."""
+    joined = os.path.normpath(os.path.join(os.path.abspath(root), path))
+    base = os.path.normpath(os.path.abspath(root))
+    if os.path.commonpath([joined, base]) != base or joined == base:
+        return None
+    return Path(os.path.relpath(joined, base)).as_posix()
 
 
 def _int_or_none(token: str) -> int | None:
@@ -359,87 +384,3 @@ def convert_inat_json(source: Path, target: Path) -> int:
                             f"with an integer category_id; the file is incomplete.") from exc
     write_atomic(target, "".join(lines).encode("utf-8"))
     return len(lines)
-
-
-def write_atomic(target: Path, data: bytes) -> None:
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise UserError(f"Cannot write {target} ({exc.strerror or exc}); make its folder writable.") from exc
-
-
-# ----------------------------------------------------------------------------------------------
-# Decode + resize cache
-
-
-def build_resized_cache(source_root: Path, cache_root: Path, listing: ListFile, size: int,
-                        workers: int | None = None) -> None:
-    """Store every image of ``listing`` under ``cache_root`` at the same relative path, decoded once and
-    resized so its shorter side is ``size`` (smaller images are copied). Missing files are built in
-    parallel; a marker named after the list's sha256 skips the scan next time."""
-    marker = cache_root / f".complete-{listing.path.name}-{listing.sha256[:16]}"
-    if marker.is_file():
-        return
-    errors = parallel_map(_resize_one(source_root, cache_root, size), listing.paths, workers)
-    for index, error in enumerate(_progress(errors, len(listing.paths), f"caching {listing.path.name}")):
-        if error:
-            raise UserError(f"{listing.where(index)}: image {source_root / listing.paths[index]} {error}. "
-                            f"Run `ltbench data verify` to list every problem of the copy.")
-    write_atomic(marker, b"")
-
-
-def parallel_map(func: Callable[[Any], Any], items: list, workers: int | None = None,
-                 chunk: int = 4096) -> Iterator[Any]:
-    """``func`` over ``items`` on a thread pool (PIL decodes and resizes without the GIL), results in order.
-    Work is submitted a chunk at a time so that half a million images never means half a million futures."""
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        for start in range(0, len(items), chunk):
-            yield from pool.map(func, items[start:start + chunk])
-
-
-def _resize_one(source_root: Path, cache_root: Path, size: int) -> Callable[[str], str | None]:
-    def work(relative: str) -> str | None:
-        target = cache_root / relative
-        if target.is_file():
-            return None
-        source = source_root / relative
-        try:
-            with Image.open(source) as img:
-                if min(img.size) <= size:
-                    write_atomic(target, source.read_bytes())  # never upsample: keep the original bytes
-                    return None
-                img.draft("RGB", (size, size))  # JPEG: let libjpeg decode at a reduced scale >= size
-                rgb = img.convert("RGB")
-            scale = size / min(rgb.size)
-            resized = rgb.resize((max(size, round(rgb.width * scale)), max(size, round(rgb.height * scale))),
-                                 Image.Resampling.BICUBIC)
-        except FileNotFoundError:
-            return "is missing"
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            return f"cannot be decoded ({exc})"
-        write_atomic(target, _jpeg_bytes(resized))
-        return None
-
-    return work
-
-
-def _jpeg_bytes(img: Image.Image) -> bytes:
-    out = io.BytesIO()
-    img.save(out, format="JPEG", quality=95, subsampling=0)  # 4:4:4, high quality: one extra lossy step only
-    return out.getvalue()
-
-
-def _progress(items, total: int, description: str):
-    """Iterate with a rich progress bar on stderr (quiet when stderr is not a terminal)."""
-    from rich.console import Console
-    from rich.progress import track
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        yield from items
-        return
-    yield from track(items, total=total, description=description, console=console, transient=True)

@@ -42,10 +42,19 @@ class SyntheticLT(Dataset):
     def profile_size(cls, options: SyntheticOptions) -> tuple[int, int]:
         return options.n_max, options.num_classes
 
+    @classmethod
+    def validate_options(cls, options: SyntheticOptions) -> None:
+        """The sizes first: rho's check computes the class counts from them."""
+        sizes = {"num_classes": (options.num_classes, 2), "n_max": (options.n_max, 1),
+                 "n_test": (options.n_test, 1), "image_size": (options.image_size, 8)}
+        for key, (value, low) in sizes.items():
+            if value < low:
+                raise UserError(f"The synthetic dataset option {key} must be >= {low}, got {value} "
+                                f"(--set data.{key}=N).")
+        super().validate_options(options)
+
     def load(self) -> LTData:
         opt = self.options
-        if opt.num_classes < 2 or opt.n_max < 1 or opt.n_test < 1 or opt.image_size < 8:
-            raise UserError("synthetic needs num_classes >= 2, n_max >= 1, n_test >= 1 and image_size >= 8.")
         rng = np.random.RandomState(opt.data_seed)
         templates = _templates(rng, opt.num_classes, opt.image_size)
         counts = self.train_counts(opt)

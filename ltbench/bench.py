@@ -29,7 +29,7 @@ from ltbench.config import RunConfig
 from ltbench.engine import Trainer, group_steps, to_device
 from ltbench.errors import UserError
 from ltbench.method import Upstream
-from ltbench.records import RunRecord, atomic_torch_save, atomic_write_json, find_run, run_record
+from ltbench.records import RunRecord, atomic_write_json, find_run, run_record
 from ltbench.registry import METHODS
 from ltbench.resolve import hparams_of
 from ltbench.runtime import Runtime
@@ -129,7 +129,7 @@ def _stand_in(config: RunConfig, info, scratch: Path) -> RunRecord:
     method = method_cls(hparams_of(config), info, torch.device("cpu"), {})
     atomic_write_json(record.path / "config.json", config.to_dict())
     modules = {name: module.state_dict() for name, module in method.state_modules().items()}
-    atomic_torch_save(record.checkpoint_path, {"modules": modules})
+    record.write_checkpoint({"modules": modules}, config)
     atomic_write_json(record.path / "result.json", {"class_counts": list(info.train_counts), **method.describe()})
     record.mark_done()
     return record

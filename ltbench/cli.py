@@ -20,7 +20,7 @@ from ltbench.cli_options import COMMON_RUN_OPTIONS, LOG_OPTION, LTGroup, make_ru
 from ltbench.cli_runs import reproduce, sweep
 from ltbench.console import console, doc_summary, err_console, print_listing, print_result, say
 from ltbench.plots import write_plots
-from ltbench.posthoc import posthoc_adjust
+from ltbench.posthoc import check_taus, posthoc_adjust
 from ltbench.records import find_run, posthoc_label, run_record, tau_key
 from ltbench.reevaluate import reevaluate
 from ltbench.registry import DATASETS, EVALUATORS, METHODS
@@ -49,7 +49,9 @@ def run(method, dataset, rho, seed, preset, epochs, sets, save_logits, stop_afte
 
     config = make_config(method, dataset, rho=rho, seed=seed, preset=preset, epochs=epochs, sets=sets)
     runtime = make_runtime(**rt, save_logits=save_logits, stop_after_epochs=stop_after_epochs)
-    if run_record(runtime.results, config).done:
+    finished = run_record(runtime.results, config)
+    if finished.done:
+        finished.config(), finished.result()  # an edited folder is refused before it is said to be reused
         say(f"Run {config.run_id} already finished, nothing trained.")
     record = ensure_or_retry_eagerly(config, runtime)
     if not record.done:
@@ -104,6 +106,7 @@ def eval_(run_ref, heads, recompute, taus, **rt) -> None:
     """Show or re-evaluate a finished or partial run (RUN is a run id, prefix or folder)."""
 
     runtime = make_runtime(**rt)
+    check_taus(taus)  # before the table, not after it
     record = find_run(runtime.results, run_ref)
     result = reevaluate(record, runtime) if recompute or not record.done else record.result()
     print_result(result, all_heads=heads)
@@ -140,7 +143,7 @@ def eval_(run_ref, heads, recompute, taus, **rt) -> None:
               help="Add the published numbers (ltbench/reference/paper_numbers.csv) and the difference.")
 @click.option("--adjust", type=float, default=None, metavar="TAU",
               help="Also rows of post-hoc logit adjustment at TAU (from `ltbench eval RUN --adjust TAU`).")
-@click.option("--digits", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--digits", type=click.IntRange(min=0, max=10), default=2, show_default=True)
 @click.option("--standalone", is_flag=True,
               help="LaTeX: a document that compiles on its own instead of a booktabs table to paste.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to FILE.")

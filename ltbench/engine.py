@@ -29,7 +29,7 @@ from ltbench.gpu_augment import AugRecipe, DeviceBatches
 from ltbench.method import BatchPosition, Method, Upstream, compute_loss
 from ltbench.models import count_parameters
 from ltbench.progress import RunMonitor
-from ltbench.records import EPOCH_NUMBERING, RunRecord, atomic_torch_save, atomic_write_json
+from ltbench.records import EPOCH_NUMBERING, RunRecord, atomic_write_json
 from ltbench.runtime import COMPILE_MODES, Runtime
 from ltbench.sam import SAM
 from ltbench.seeding import seed_everything, seed_hash
@@ -205,7 +205,7 @@ class Trainer:
             self.start_epoch, self.best = ckpt["epoch"], ckpt["best"]
             self.train_time, self.train_images = ckpt["train_time"], ckpt["train_images"]
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # missing entries, tensor shape mismatch
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = " ".join(str(exc).split())[:400] or type(exc).__name__  # torch's first line names no tensor
             raise self.record.checkpoint_error(f"it does not match this run's configuration: {reason}") from exc
 
     # --- the loop ------------------------------------------------------------------------------
@@ -236,10 +236,10 @@ class Trainer:
                 rows.append(row)
                 if self.dist.is_main:
                     self.record.write_metrics(rows)
-                    atomic_torch_save(self.record.checkpoint_path, self.state(epoch + 1))
+                    self.record.write_checkpoint(self.state(epoch + 1), self.config)
                 self.monitor.epoch_done(row)
         if self.hp.epochs == 0 and self.dist.is_main:  # a method that trains nothing: its checkpoint is the model built
-            atomic_torch_save(self.record.checkpoint_path, self.state(0))
+            self.record.write_checkpoint(self.state(0), self.config)
         return self.finish(eval_loader, rows, final)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -384,8 +384,8 @@ class Trainer:
         if not self.dist.is_main:
             return {"rank": self.dist.rank}
         if self.runtime.save_logits:
-            np.savez_compressed(self.record.path / "test_logits.npz", labels=final.pop("_labels").numpy(),
-                                **{k: v.numpy() for k, v in final.pop("_logits").items()})
+            self.record.write_logits({k: v.numpy() for k, v in final.pop("_logits").items()},
+                                     final.pop("_labels").numpy(), self.config)
         model = self.method.trainable()
         result = {
             "run_id": self.record.run_id,

@@ -9,22 +9,18 @@ number is a separate, labelled result (``ltbench eval RUN --adjust TAU``, ``ltbe
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from ltbench.errors import UserError
 from ltbench.evaluate import DEFAULT_EVALUATOR
 from ltbench.losses import log_prior
 from ltbench.records import (
-    LOGITS_FILE,
     POSTHOC_FILE,
     RunRecord,
-    atomic_write_bytes,
     atomic_write_json,
     tau_key,
 )
@@ -46,8 +42,7 @@ def posthoc_adjust(record: RunRecord, runtime, taus: Sequence[float]) -> dict[st
     if not record.done:
         raise UserError(f"Run {record.run_id} is not finished (no DONE marker): post-hoc adjustment uses the final "
                         f"epoch's logits. Finish it first (run the same `ltbench run` command).")
-    if not all(math.isfinite(tau) and tau >= 0 for tau in taus):
-        raise UserError(f"--adjust takes tau >= 0 (1 is the paper's choice), got {', '.join(map(str, taus))}.")
+    check_taus(taus)
     result = record.result()
     logits, labels, source = final_logits(record, runtime)
     info = load_data(record.config(), runtime).info
@@ -61,6 +56,11 @@ def posthoc_adjust(record: RunRecord, runtime, taus: Sequence[float]) -> dict[st
     return payload
 
 
+def check_taus(taus: Sequence[float]) -> None:
+    if not all(math.isfinite(tau) and tau >= 0 for tau in taus):
+        raise UserError(f"--adjust takes tau >= 0 (1 is the paper's choice), got {', '.join(map(str, taus))}.")
+
+
 def final_logits(record: RunRecord, runtime) -> tuple[dict[str, torch.Tensor], torch.Tensor, str]:
     """(logits per head, labels, "saved" | "recomputed"): the saved final test logits, or recomputed and saved."""
     saved = record.saved_logits()
@@ -71,7 +71,5 @@ def final_logits(record: RunRecord, runtime) -> tuple[dict[str, torch.Tensor], t
     trainer, _ = restored_trainer(record, runtime)
     metrics = trainer._evaluate_full(trainer._eval_loader(), keep_logits=True)
     logits, labels = metrics["_logits"], metrics["_labels"]
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, labels=labels.numpy(), **{k: v.numpy() for k, v in logits.items()})
-    atomic_write_bytes(record.path / LOGITS_FILE, buffer.getvalue())
+    record.write_logits({k: v.numpy() for k, v in logits.items()}, labels.numpy(), record.config())
     return logits, labels, "recomputed"

@@ -13,18 +13,24 @@ schedule, such as ``milestones`` or ``drw_epoch``, keep their published 0-based 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
+import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
-from ltbench.config import RunConfig
+from ltbench import schemas
+from ltbench.atomic import FILE_MODE as FILE_MODE  # re-exported: writers import these from records
+from ltbench.atomic import TMP_SUFFIX, atomic_torch_save, json_bytes
+from ltbench.atomic import atomic_write_bytes as atomic_write_bytes
+from ltbench.atomic import atomic_write_json as atomic_write_json
+from ltbench.config import RunConfig, canonical_json
 from ltbench.errors import UserError
+from ltbench.run_lock import LOCK, locked
 
 if TYPE_CHECKING:
     import torch
@@ -37,80 +43,10 @@ METRICS = "metrics.jsonl"
 EAGER_RETRY = "eager_retry.json"  # its compiled first epoch failed on CUDA, so it trained eagerly (stages)
 POSTHOC_FILE = "posthoc_la.json"  # post-hoc logit adjustment results (ltbench.posthoc)
 LOGITS_FILE = "test_logits.npz"  # the final test logits per head (--save-logits, or recomputed by posthoc)
-LOCK = ".lock"
-TMP_SUFFIX = ".tmp"  # atomic writes go through .<name>.<random>.tmp next to the target
+ENV = "env.json"  # one entry per session that trained the run
+RESULT_FIX = ("delete result.json and DONE, then run the same `ltbench run` command (it re-evaluates the final "
+              "checkpoint)")
 UNUSABLE_RUN_FIX = "Restore its original config.json, or move the folder away (the same settings then train afresh)."
-
-
-def _process_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp creates 0600 files; run folders get the mode any other file of this process would get (0644 under
-# the usual umask 022), so a team can share a results folder. Read once: os.umask can only be read by setting it.
-FILE_MODE = 0o666 & ~_process_umask()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist a rename: without this a power cut can forget it even though the file's data is on disk."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _replaced_atomically(path: Path) -> Iterator[BinaryIO]:
-    """A temporary file next to ``path``; once written it is fsynced and renamed over ``path``.
-
-    A failure (a kill, a full disk, no permission) leaves ``path`` as it was; an OSError becomes a
-    UserError naming the file and the reason.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    except OSError as exc:
-        raise write_error(path, exc) from exc
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise write_error(path, exc) from exc
-        raise
-
-
-def write_error(path: Path, exc: OSError) -> UserError:
-    return UserError(f"Could not write {path}: {exc.strerror or exc}. Nothing was replaced (the previous version "
-                     f"of the file, if any, is intact); fix that and run the same command again (an interrupted run "
-                     f"resumes from its last checkpoint).")
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    with _replaced_atomically(path) as fh:
-        fh.write(payload)
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_torch_save(path: Path, state: dict) -> None:
-    import torch  # here, not at the top: reports read run folders without importing torch
-
-    # Through a Python file object, a full disk is an OSError (ENOSPC) rather than a C++ stream error.
-    with _replaced_atomically(path) as fh:
-        torch.save(state, fh)
 
 
 @dataclass
@@ -138,46 +74,56 @@ class RunRecord:
             raise UserError(f"Run folder {self.path} cannot be used: {problem}. {UNUSABLE_RUN_FIX}")
         return RunConfig.from_dict(self.read_json("config.json"))
 
-    def result(self) -> dict[str, Any]:
-        return self.read_json("result.json")
+    def result(self, trained: bool = True) -> dict[str, Any]:
+        """result.json, checked against the digests DONE recorded and against its schema (``trained``: that of a
+        trained run, with its final evaluation; else also a bench stand-in's, which has only class counts)."""
+        problem = self.altered((RESULT, METRICS))
+        if problem:
+            raise UserError(f"Run {self.run_id} cannot be used: {problem}.")
+        label = f"result.json of run {self.run_id}"
+        payload = schemas.read_json(self.path / RESULT, RESULT_FIX, label)
+        schemas.validated(schemas.TrainedResult if trained else schemas.ResultFile, payload, label, RESULT_FIX)
+        return payload
 
     def read_json(self, name: str) -> Any:
-        try:
-            return json.loads((self.path / name).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"Run folder {self.path} has no readable {name} ({exc}).") from exc
+        return schemas.read_json(self.path / name, f"Restore it, or move the run folder {self.path} away.")
 
     def metrics(self, note: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
         """The per-epoch rows; a torn last line (what a crash mid-append leaves) is skipped with a note."""
-        path = self.path / "metrics.jsonl"
+        path = self.path / METRICS
         try:
-            lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+            lines = [(n, line) for n, line in enumerate(path.read_bytes().splitlines(), 1) if line.strip()]
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise UserError(f"Cannot read {path} ({exc.strerror}); fix that, or move the run folder away.") from exc
         rows = []
+        fix = "The file is corrupt, not just torn at its end. Restore it from a copy, or move the run folder away."
         for n, line in lines:
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
+                row = schemas.parse_json(line, f"{path} line {n}", fix)
+            except UserError:
                 if n == lines[-1][0]:
                     if note:
                         note(f"note: ignored the torn last line {n} of {path} (a crash mid-write leaves one).")
                     break
-                raise UserError(f"{path} line {n} is not valid JSON ({exc.msg}): the file is corrupt, not just "
-                                f"torn at its end. Restore it from a copy, or move the run folder away.") from exc
-            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
-                raise UserError(f"{path} line {n} is not a metrics row (a JSON object with an integer epoch): "
-                                f"the file is corrupt. Restore it from a copy, or move the run folder away.")
+                raise
+            schemas.validated(schemas.MetricsRow, row, f"{path} line {n}", fix)
             rows.append(row)
         return rows
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite metrics.jsonl atomically (on resume it is truncated to the checkpoint's epoch)."""
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        atomic_write_bytes(self.path / "metrics.jsonl", lines.encode())
+        atomic_write_bytes(self.path / METRICS, lines.encode())
+
+    def write_checkpoint(self, state: dict[str, Any], config: RunConfig) -> None:
+        """The training state, with the run id and config hash it belongs to (checked when it is loaded)."""
+        atomic_torch_save(self.checkpoint_path, {**state, "origin": origin(config)})
 
     def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-        """The latest checkpoint, None before the first epoch ends; an unreadable one is a UserError."""
+        """The latest checkpoint, None before the first epoch ends; an unreadable one, or one another run wrote
+        (copied into this folder), is a UserError."""
         import torch
 
         if not self.checkpoint_path.exists():
@@ -189,7 +135,24 @@ class RunRecord:
                 from exc
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("modules"), dict):
             raise self.checkpoint_error("not an ltbench checkpoint: it holds no model modules")
+        problem = self.foreign(ckpt.get("origin"), "checkpoint")
+        if problem:
+            raise self.checkpoint_error(problem)
         return ckpt
+
+    def foreign(self, recorded: Any, what: str) -> str | None:
+        """Why a file recording ``recorded`` as its origin does not belong to this run, or None. Files written
+        before origins were recorded (2026-12) have none and are accepted."""
+        if recorded is None:
+            return None
+        try:
+            found = schemas.CheckpointOrigin.model_validate(recorded)
+        except schemas.ValidationError as exc:
+            return f"its record of the run that wrote it is damaged ({schemas.describe(exc)})"
+        if found.run_id != self.run_id or not found.config_sha256.startswith(found.run_id):
+            return (f"this {what} was written by run {found.run_id} (config sha256 {found.config_sha256[:16]}...), "
+                    f"not by run {self.run_id}: it was copied from another run's folder")
+        return None
 
     def checkpoint_error(self, reason: str) -> UserError:
         """Never discard a checkpoint silently: say what is wrong and how to retrain from scratch."""
@@ -198,33 +161,53 @@ class RunRecord:
                          f"the same command again.")
 
     def finished_result(self, select: str = "final") -> tuple[dict[str, Any] | None, str | None]:
-        """(the run's result, None), or (None, why a table leaves the run out): unfinished, or a result.json that
-        is missing or lacks a top-1 for the ``select`` block."""
+        """(the run's result, None), or (None, why a table leaves the run out): unfinished, altered after it
+        finished, or a result.json that is missing, damaged or has no ``select`` block."""
         if not self.done:
             return None, f"unfinished ({epochs_logged(self.path)} epoch(s) logged)"
         if not (self.path / RESULT).is_file():
             return None, "DONE but no result.json"
         try:
-            result = json.loads((self.path / RESULT).read_text())
-            if select == "best" and result.get("best") is None:
-                return None, "no evaluated epoch to select as best"
-            heads = result[select]["heads"]
-            if not heads or not all(isinstance(m["top1"], (int, float)) for m in heads.values()):
-                raise ValueError("no head with a top-1")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            return None, (f"result.json of run {self.run_id} is damaged ({type(exc).__name__}: {exc}); delete it "
-                          f"and DONE, then run the same `ltbench run` command, which re-evaluates the final checkpoint")
+            result = self.result(trained=False)  # a table reads the config from config.json, the numbers from here
+        except UserError as exc:
+            return None, str(exc).rstrip(".")
+        if result.get(select) is None:
+            return None, ("no evaluated epoch to select as best" if select == "best" else
+                          f"result.json of run {self.run_id} is damaged: it has no final block; {RESULT_FIX}")
         return result, None
+
+    def altered(self, names: tuple[str, ...]) -> str | None:
+        """Which of ``names`` changed since DONE recorded their sha256 (or the damage to DONE), or None.
+
+        This catches accidents and careless edits, not a forger, who can rewrite DONE as well."""
+        done = self.path / DONE
+        try:
+            data = done.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"its DONE marker cannot be read ({exc.strerror})"
+        if not data.strip():
+            return None  # written before digests were recorded (2026-12)
+        try:
+            digests = schemas.validated(schemas.DoneFile, schemas.parse_json(data, done, ""), done, "").sha256
+        except UserError as exc:
+            return f"{exc}".rstrip(". ") + f"; {RESULT_FIX}"
+        for name in names:
+            if name in digests and _sha256(self.path / name) != digests[name]:
+                return (f"its {name} was changed after the run finished (it no longer matches the sha256 DONE "
+                        f"recorded). Restore the original; or, to re-evaluate the final checkpoint, {RESULT_FIX}")
+        return None
 
     def untrusted_config(self) -> dict[str, Any]:
         """Coordinates for a footnote about a folder whose config.json is missing or edited: the config as written,
         else the one result.json recorded, else unknown."""
         for name, key in (("config.json", None), (RESULT, "config")):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                payload = json.loads((self.path / name).read_text())
+            with contextlib.suppress(UserError, KeyError, TypeError):
+                payload = self.read_json(name)
                 payload = payload[key] if key else payload
-                if isinstance(payload, dict) and {"method", "dataset"} <= set(payload):
-                    return payload
+                schemas.validated(schemas.ConfigFile, payload, name, "")
+                return payload
         return {"method": "unknown method", "dataset": "unknown dataset", "seed": "?"}
 
     def holds_a_run(self) -> bool:
@@ -234,79 +217,72 @@ class RunRecord:
 
     def eager_retry(self) -> dict[str, Any] | None:
         """The eager-retry marker (the error of the failed compiled attempt), or None."""
-        return self.read_json(EAGER_RETRY) if (self.path / EAGER_RETRY).is_file() else None
+        payload = self.read_json(EAGER_RETRY) if (self.path / EAGER_RETRY).is_file() else None
+        return payload if isinstance(payload, dict) or payload is None else {"error": repr(payload)[:200]}
 
     def mark_eager_retry(self, error: str, compile_mode: str) -> None:
         atomic_write_json(self.path / EAGER_RETRY, {"error": error, "compile_mode": compile_mode})
 
     def posthoc(self) -> dict[str, Any] | None:
-        """The content of posthoc_la.json, or None."""
-        return self.read_json(POSTHOC_FILE) if (self.path / POSTHOC_FILE).is_file() else None
+        """The content of posthoc_la.json (validated, and written for this run), or None."""
+        path = self.path / POSTHOC_FILE
+        if not path.is_file():
+            return None
+        fix = f"Delete it (rm {path}); `ltbench eval {self.run_id} --adjust TAU` computes it again."
+        payload = schemas.read_json(path, fix)
+        if schemas.validated(schemas.PosthocFile, payload, path, fix).run_id != self.run_id:
+            raise UserError(f"{path} belongs to run {payload['run_id']}, not to run {self.run_id}. {fix}")
+        return payload
 
-    def saved_logits(self) -> dict[str, Any] | None:
-        """The saved final test logits as numpy arrays per head plus ``labels``, or None."""
+    def write_logits(self, logits: dict[str, Any], labels: Any, config: RunConfig) -> None:
+        """The final test logits per head (numpy arrays) and the labels, with the run they belong to."""
         import numpy as np
 
-        if not (self.path / LOGITS_FILE).exists():
+        buffer = io.BytesIO()
+        found = origin(config)
+        np.savez_compressed(buffer, labels=labels, **logits, **{f"origin.{k}": np.array(v) for k, v in found.items()})
+        atomic_write_bytes(self.path / LOGITS_FILE, buffer.getvalue())
+
+    def saved_logits(self) -> dict[str, Any] | None:
+        """The saved final test logits as numpy arrays per head plus ``labels``, or None; a damaged file, or one
+        another run wrote, is a UserError."""
+        path = self.path / LOGITS_FILE
+        if not path.exists():
             return None
-        with np.load(self.path / LOGITS_FILE) as saved:
-            return {name: saved[name] for name in saved.files}
+        fix = f"Delete it (rm {path}); `ltbench eval {self.run_id} --adjust TAU` then recomputes the logits."
+        problem = self.altered((LOGITS_FILE,))
+        arrays, reason = schemas.logits_arrays(path) if problem is None else ({}, problem)
+        origin_found = {k.removeprefix("origin."): str(arrays.pop(k)) for k in list(arrays) if k.startswith("origin.")}
+        reason = reason or self.foreign(origin_found or None, "logits file")
+        if reason:
+            raise UserError(f"The saved logits {path} cannot be used ({reason}). {fix}")
+        return arrays
 
     def mark_done(self) -> None:
-        atomic_write_bytes(self.path / DONE, b"")
+        """DONE, holding the sha256 of the files the result summarises (``altered`` checks them)."""
+        names = [n for n in (RESULT, METRICS, LOGITS_FILE) if (self.path / n).is_file()]
+        atomic_write_bytes(self.path / DONE, json_bytes({"sha256": {n: _sha256(self.path / n) for n in names}}))
 
-    @contextlib.contextmanager
-    def lock(self, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
-        """Exclusive lock so that two processes (e.g. sweep trials sharing a teacher) never train one run twice.
+    def write_env(self, session: dict[str, Any]) -> None:
+        """Add this session's environment to env.json: one entry per session that trained the run, never
+        rewritten (a run resumed on another machine or with other runtime options keeps both)."""
+        atomic_write_json(self.path / ENV, {"sessions": [*self.env_sessions(), session]})
 
-        The lock file holds the holder's pid; ``on_wait`` hears once, with that pid, when another process holds it.
-
-        The holder removes temporaries that a killed writer left behind; a failure before anything was
-        written (e.g. the data did not load) removes the folder again, so no empty run folder remains.
-        """
-        fh = self._acquire(on_wait)
+    def env_sessions(self) -> list[dict[str, Any]]:
+        """The sessions env.json records (one dict before 2026-12: one session); damage is kept as a note."""
         try:
-            for stale in self.path.glob(f".*{TMP_SUFFIX}"):
-                stale.unlink(missing_ok=True)
-            yield
-        except BaseException:
-            if {p.name for p in self.path.iterdir()} <= {LOCK}:
-                with contextlib.suppress(OSError):
-                    (self.path / LOCK).unlink()
-                    self.path.rmdir()
-            raise
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-            fh.close()
+            payload = self.read_json(ENV) if (self.path / ENV).is_file() else {"sessions": []}
+        except UserError as exc:
+            return [{"unreadable_env_json": str(exc)}]
+        sessions = payload.get("sessions") if isinstance(payload, dict) else None
+        if isinstance(sessions, list) and all(isinstance(s, dict) for s in sessions):
+            return sessions
+        return [payload if isinstance(payload, dict) else {"unreadable_env_json": repr(payload)[:200]}]
 
-    def _acquire(self, on_wait: Callable[[str], None] | None) -> IO[str]:
-        while True:
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
-                fh = open(self.path / LOCK, "a")  # noqa: SIM115 - held until lock() releases it
-            except OSError as exc:
-                raise write_error(self.path / LOCK, exc) from exc
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if on_wait:
-                    on_wait(f"waiting for run {self.run_id} (held by pid {self._lock_holder()}: another process is "
-                            f"training it)")
-                    on_wait = None  # once
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            with contextlib.suppress(FileNotFoundError):
-                if os.fstat(fh.fileno()).st_ino == os.stat(self.path / LOCK).st_ino:
-                    fh.truncate(0)  # append mode: the pid lands at the start
-                    fh.write(f"{os.getpid()}\n")
-                    fh.flush()
-                    return fh
-            fh.close()  # the previous holder removed its empty folder while we waited: lock the new one
-
-    def _lock_holder(self) -> str:
-        try:
-            return (self.path / LOCK).read_text().strip() or "unknown"
-        except OSError:
-            return "unknown"
+    def lock(self, on_wait: Callable[[str], None] | None = None) -> contextlib.AbstractContextManager[None]:
+        """Exclusive lock so that two processes (e.g. sweep trials sharing a teacher) never train one run twice
+        (:func:`ltbench.run_lock.locked`)."""
+        return locked(self.path, on_wait)
 
 
 def runs_dir(results: Path) -> Path:
@@ -359,9 +335,13 @@ def config_problem(folder: Path) -> str | None:
     if not path.is_file():
         return "it has no config.json (deleted?), so what it trained is unknown"
     try:
-        config = RunConfig.from_dict(json.loads(path.read_text()))
+        payload = schemas.read_json(path, "")
+        schemas.validated(schemas.ConfigFile, payload, "config.json", "")
+        config = RunConfig.from_dict(payload)
         run_id = config.run_id
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
+    except UserError as exc:
+        return f"its config.json is unreadable ({str(exc).rstrip('. ')})"
+    except (ValueError, TypeError, AttributeError) as exc:
         return f"its config.json is unreadable ({type(exc).__name__}: {exc})"
     if run_id != folder.name and config.legacy_run_id == folder.name:
         return ("it was written by an older ltbench (before 2026-11-28: its run id hashed runtime options such as "
@@ -371,6 +351,23 @@ def config_problem(folder: Path) -> str | None:
         return (f"its config.json hashes to run id {run_id}, not to the folder's name {folder.name}: it was edited "
                 f"(or the folder renamed), so it no longer describes what was trained")
     return None
+
+
+def origin(config: RunConfig) -> dict[str, str]:
+    """What a checkpoint or logits file records about its run: the run id and the full sha256 of the config."""
+    return {"run_id": config.run_id, "config_sha256": hashlib.sha256(canonical_json(config.identity()).encode())
+            .hexdigest()}
+
+
+def _sha256(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def tau_key(tau: float) -> str:

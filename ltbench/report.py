@@ -58,6 +58,11 @@ def label_rows(runs: RunSet, by: Sequence[str] = ()) -> pd.Series:
     frame = runs.frame.drop_duplicates("run_id").set_index("run_id")
     if frame.empty:
         return pd.Series(dtype=str)
+    known = set().union(*(runs.flat_configs[rid] for rid in frame.index))
+    unknown = [k for k in by if k not in known]
+    if unknown:
+        raise UserError(f"--by {unknown[0]}: no run in the table has that config key. Keys the runs have: "
+                        f"{', '.join(sorted(known - NOT_DISTINGUISHING)[:30])}.")
     exp = pd.Series({rid: experiment_key(runs.flat_configs[rid]) for rid in frame.index})
     labels = {}
     for method, group in frame.groupby("method", sort=False):

@@ -28,15 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from ltbench import report as rp
 from ltbench import runset
 from ltbench import sweep as sw
+from ltbench.config import coerce, field_types
 from ltbench.errors import UserError
 from ltbench.launcher import SUITE_RESOURCES
 from ltbench.records import RunRecord, runs_dir
-from ltbench.runtime import suite_keys
+from ltbench.runtime import Runtime, suite_keys
+from ltbench.schemas import grid_values, load_yaml
 
 SUITE_KEYS = ("description", "runtime", "runs", "expectations")
 # a suite's runtime: block: the Runtime options marked for suites, and the Ray resources of its trials
@@ -126,16 +127,13 @@ def find_suite(ref: str) -> Path:
 def load_suite(ref: str) -> Suite:
     """Read and validate a suite file; errors name the file and the key."""
     path = find_suite(ref)
-    try:
-        payload = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"Cannot read the suite file {path}: {exc}") from exc
+    payload = load_yaml(path, "suite file")
     where = _Where(path)
     payload = where.mapping(payload, "", SUITE_KEYS, required=("runs", "expectations"))
-    runtime = where.mapping(payload.get("runtime") or {}, "runtime", RUNTIME_KEYS)
+    runtime = _runtime_block(where, where.mapping(payload.get("runtime") or {}, "runtime", RUNTIME_KEYS))
     runs = where.sequence(payload["runs"], "runs")
-    grids = tuple(where.mapping(grid, f"runs[{i}]", sw.GRID_KEYS, required=("methods", "datasets"))
-                  for i, grid in enumerate(runs))
+    grids = tuple(grid_values(where.mapping(grid, f"runs[{i}]", sw.GRID_KEYS, required=("methods", "datasets")),
+                              f"Suite file {path}", f"runs[{i}]") for i, grid in enumerate(runs))
     items = where.sequence(payload["expectations"], "expectations")
     expectations = tuple(_expectation(where, item, f"expectations[{i}]") for i, item in enumerate(items))
     return Suite(path.stem, path, str(payload.get("description") or "").strip(), grids, expectations, runtime)
@@ -175,6 +173,36 @@ class _Where:
         if not isinstance(value, str) or not value.strip():
             raise self.error(key, f"expected a non-empty text, got {_kind(value)}.")
         return value.strip()
+
+
+def _runtime_block(where: _Where, block: dict[str, Any]) -> dict[str, Any]:
+    """The suite's runtime options, typed as the command-line options are (Runtime's fields), and its Ray
+    resources, in the ranges of the options of the same names."""
+    types = field_types(Runtime)
+    typed = {}
+    for key, value in block.items():
+        if key in SUITE_RESOURCES:
+            rule, ok = RESOURCE_RULES[key]
+            if value is not None and (isinstance(value, bool) or not ok(value)):
+                raise where.error(f"runtime.{key}", f"expected {rule}, got {_kind(value)}.")
+            typed[key] = value
+            continue
+        try:
+            typed[key] = coerce(value, types[key], key)
+        except UserError as exc:
+            raise where.error(f"runtime.{key}", str(exc)) from exc
+    return typed
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+RESOURCE_RULES = {
+    "gpus_per_trial": ("a number >= 0", lambda v: _number(v) and v >= 0),
+    "cpus_per_trial": ("a number > 0", lambda v: _number(v) and v > 0),
+    "max_failures": ("an integer >= -1", lambda v: isinstance(v, int) and v >= -1),
+}
 
 
 def _kind(value: Any) -> str:

@@ -44,8 +44,8 @@ class Runtime:
     compile_mode: str = _option("default", "torch.compile mode (implies --compile); reduce-overhead and max-autotune "
                                 "replay each training step's kernels as CUDA graphs (small models are launch-bound).",
                                 suite=True, choices=tuple(COMPILE_MODES), show_default=True)
-    micro_batch: int = _option(0, "Per-device forward batch; gradients accumulate to the preset's batch.", suite=True,
-                               minimum=0)
+    micro_batch: int = _option(0, "Per-device forward batch; gradients accumulate to the preset's batch (refused for "
+                                  "BatchNorm models, whose statistics it would change).", suite=True, minimum=0)
     workers: int | None = _option(None, "Data-loader worker processes.", suite=True, minimum=0)
     download: bool = _option(False, "Download the dataset first if it is missing (needs internet).", flag=True)
     augment_on: str = _option("auto", "Where per-image augmentation runs; auto = on the GPU for in-memory datasets.",

@@ -9,9 +9,9 @@ A file lock per run folder makes concurrent trials that share a teacher train it
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
+import secrets
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from ltbench.engine import Trainer
 from ltbench.errors import UserError
 from ltbench.evaluate import DEFAULT_EVALUATOR
 from ltbench.method import Upstream
-from ltbench.records import RunRecord, atomic_write_json, find_run, run_record, run_state, runs_dir
+from ltbench.records import RunRecord, atomic_write_json, epochs_logged, find_run, run_record, run_state, runs_dir
 from ltbench.registry import DATASETS, EVALUATORS, METHODS
 from ltbench.resolve import hparams_of
 from ltbench.runtime import Runtime
@@ -136,15 +136,30 @@ def _check_standalone(config: RunConfig, role: str, upstream: RunConfig) -> None
 def train(config: RunConfig, record: RunRecord, runtime: Runtime, upstream: dict[str, Upstream]) -> None:
     data = load_data(config, runtime)
     main = distributed.context().is_main
+    trainer = build_trainer(config, runtime, upstream, data=data, record=record)
+    _refuse_micro_batches_under_batchnorm(trainer)  # before anything is written
     if main:
         _write_metadata(config, record, runtime)
-    if main:
         runtime.echo(f"Training {config.method} on {config.dataset} {dict(config.data)} seed {config.seed} "
                      f"-> {record.path}")
-    trainer = build_trainer(config, runtime, upstream, data=data, record=record)
     result = trainer.fit()
     if result and main:
         record.mark_done()
+
+
+def _refuse_micro_batches_under_batchnorm(trainer: Trainer) -> None:
+    """BatchNorm normalises over what one forward pass sees, so micro-batches would change a CNN's numbers
+    under the same run id (--micro-batch is a runtime option, outside it): refused for models that have it."""
+    per_process = trainer.hp.batch_size // trainer.dist.world
+    if trainer.micro >= per_process:
+        return
+    norms = [name for name, m in trainer.method.trainable().named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        raise UserError(f"--micro-batch {trainer.runtime.micro_batch} splits each batch of {per_process} images, "
+                        f"but {trainer.config.method}'s model has BatchNorm ({norms[0]}), whose statistics would then "
+                        f"come from {trainer.micro} images and change the run's numbers under the same run id. Drop "
+                        f"--micro-batch (or use 0), or lower the batch itself with --set batch_size=N (a new run).")
 
 
 def build_trainer(config: RunConfig, runtime: Runtime, upstream: dict[str, Upstream] | None = None, *,
@@ -159,15 +174,12 @@ def build_trainer(config: RunConfig, runtime: Runtime, upstream: dict[str, Upstr
 
 
 def _write_metadata(config: RunConfig, record: RunRecord, runtime: Runtime) -> None:
-    path = record.path / "config.json"
-    if path.exists():
-        existing = RunConfig.from_dict(json.loads(path.read_text()))
-        if existing.identity() != config.identity():  # runtime options (e.g. workers) may differ
-            raise UserError(f"{path} holds a different configuration than run id {config.run_id}; refusing to "
-                            f"mix runs. Move the folder away and run again.")
+    if (record.path / "config.json").exists():
+        record.config()  # a partial run resumes only while its config.json hashes to its run id
     else:
-        atomic_write_json(path, config.to_dict())
-    atomic_write_json(record.path / "env.json", environment(runtime))
+        atomic_write_json(record.path / "config.json", config.to_dict())
+    # metrics lines, not the checkpoint (loading that twice would cost seconds for a large model)
+    record.write_env({**environment(runtime), "epochs_logged_at_start": epochs_logged(record.path)})
 
 
 def environment(runtime: Runtime) -> dict[str, Any]:
@@ -187,9 +199,13 @@ def environment(runtime: Runtime) -> dict[str, Any]:
 
 
 def _check_writable(runtime: Runtime) -> None:
+    if runtime.results.exists() and not runtime.results.is_dir():
+        raise UserError(f"The results folder {runtime.results} is a file, not a folder. Choose another with "
+                        f"--results DIR.")
     try:
         runtime.results.mkdir(parents=True, exist_ok=True)
-        probe = runtime.results / ".write-probe"
+        # a probe of its own: two processes starting at once must not remove each other's
+        probe = runtime.results / f".write-probe.{os.getpid()}.{secrets.token_hex(6)}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:

@@ -27,8 +27,10 @@ from ltbench.errors import UserError
 from ltbench.records import UNUSABLE_RUN_FIX, config_problem, find_run, run_state, runs_dir
 from ltbench.registry import DATASETS, METHODS
 from ltbench.resolve import make_config
+from ltbench.schemas import grid_values, load_yaml
 
 GRID_KEYS = ("methods", "datasets", "rho", "seeds", "preset", "epochs", "set")
+MAX_GRID_RUNS = 10_000  # refused before expanding: more runs than any benchmark needs is a typo (0-99999999)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,6 +53,10 @@ class SweepGrid:
         for name in ("methods", "datasets", "rhos", "seeds"):
             if not getattr(self, name):
                 raise UserError(f"The sweep grid needs at least one value for {name}.")
+
+        if self.size > MAX_GRID_RUNS:
+            raise UserError(f"The sweep grid has {self.size:,} cells, past the {MAX_GRID_RUNS:,} runs a sweep may "
+                            f"have (methods x datasets x rho x seeds); split it into smaller sweeps.")
 
     @property
     def size(self) -> int:
@@ -81,6 +87,9 @@ def parse_seeds(text: str | Sequence[Any] | int | None) -> list[int]:
             raise UserError(f"Seeds must be integers or ranges like 0-4, got {item!r}.") from exc
         if span[0] > span[1]:
             raise UserError(f"The seed range {item!r} is empty: write it low-high, e.g. {last}-{first}.")
+        if span[1] - span[0] + len(seeds) >= MAX_GRID_RUNS:
+            raise UserError(f"The seeds {text!r} are {span[1] - span[0] + 1 + len(seeds):,} or more, past the "
+                            f"{MAX_GRID_RUNS:,} runs a sweep may have; give fewer seeds (e.g. 0-4).")
         seeds += list(range(span[0], span[1] + 1))
     return list(dict.fromkeys(seeds))
 
@@ -122,18 +131,8 @@ def _yaml_scalar(value: Any) -> str:
 
 def load_grid_file(path: Path) -> dict[str, Any]:
     """The grid keys of a YAML sweep file (validated; values still unparsed)."""
-    import yaml
-
-    try:
-        payload = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"Cannot read the sweep file {path}: {exc}") from exc
-    if not isinstance(payload, Mapping):
-        raise UserError(f"The sweep file {path} must be a mapping with keys {', '.join(GRID_KEYS)}.")
-    unknown = sorted(set(payload) - set(GRID_KEYS))
-    if unknown:
-        raise UserError(f"Unknown key(s) {', '.join(unknown)} in {path}. Valid keys: {', '.join(GRID_KEYS)}.")
-    return dict(payload)
+    payload = load_yaml(Path(path), "sweep file")
+    return grid_values({} if payload is None else payload, f"The sweep file {path}")
 
 
 def build_grid(file_values: Mapping[str, Any] | None = None, *, methods: str | None = None,

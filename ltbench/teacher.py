@@ -60,7 +60,7 @@ class FrozenTeacher:
     def __init__(self, upstream: Upstream, student_info: DatasetInfo, device: torch.device,
                  antialias: bool = False) -> None:
         config, record = upstream.config, upstream.record
-        result = record.result()
+        result = record.result(trained=False)  # the bench's stand-in teachers have only class counts
         counts = tuple(result["class_counts"])
         if len(counts) != student_info.num_classes:
             raise UserError(f"Teacher run {record.run_id} has {len(counts)} classes, the student's data has "

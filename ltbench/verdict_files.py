@@ -3,14 +3,13 @@ with the runs they judged and how they were trained."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ltbench import sweep as sw
-from ltbench.records import atomic_write_bytes, atomic_write_json
+from ltbench.records import RunRecord, atomic_write_bytes, atomic_write_json, runs_dir
 from ltbench.reproduce import PASS, Suite, Verdict, exit_code
 
 
@@ -38,8 +37,8 @@ def run_rows(plan: sw.SweepPlan) -> list[dict[str, str]]:
     """Each run of the plan with where and how fast it trained (from its result.json)."""
     rows = []
     for job in plan.jobs.values():
-        path = plan.results / "runs" / job.run_id / "result.json"
-        result = json.loads(path.read_text()) if job.status == "done" and path.is_file() else {}
+        record = RunRecord(runs_dir(plan.results) / job.run_id)
+        result = (record.finished_result()[0] if job.status == "done" else None) or {}  # validated, or left out
         rho = job.config.data.get("rho")
         rows.append({"run": job.run_id, "method": job.config.method, "preset": job.config.preset,
                      "dataset": job.config.dataset + ("" if rho is None else f" ρ={rho:g}"),

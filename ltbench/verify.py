@@ -18,8 +18,9 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from ltbench.datasets.filelist_lt import FileListLT, out_of_range, parallel_map, read_list
+from ltbench.datasets.filelist_lt import FileListLT, out_of_range, read_list
 from ltbench.errors import UserError
+from ltbench.image_cache import parallel_map
 from ltbench.registry import DATASETS
 
 
@@ -108,7 +109,9 @@ def _read_lists(cls, folder: Path, report: VerifyReport) -> dict[str, Any]:
             report.problems.append(Problem(str(path), f"the {split} list is missing"))
             continue
         listing = read_list(path, strict=False)
-        report.problems += [Problem(f"{path}:{line}", f"malformed line: {msg}") for line, msg in listing.problems]
+        report.problems += [Problem(f"{path}:{line}", msg) for line, msg in listing.problems]
+        if not listing.paths:
+            report.problems.append(Problem(str(path), f"the {split} list has no entries"))
         if spec.prefixes:
             off = sum(1 for p in listing.paths if not p.startswith(spec.prefixes))
             if off:
@@ -175,10 +178,6 @@ def _compare_with_published(report: VerifyReport) -> None:
 
 def _note_overlaps(listings: dict[str, Any], report: VerifyReport) -> None:
     seen: dict[str, set[str]] = {split: set(listing.paths) for split, listing in listings.items()}
-    for split, listing in listings.items():
-        duplicates = len(listing.paths) - len(seen[split])
-        if duplicates:
-            report.notes.append(f"{listing.path.name}: {duplicates} lines repeat an earlier path")
     train = seen.get("train", set())
     for split, paths in seen.items():
         shared = len(train & paths) if split != "train" else 0

@@ -37,8 +37,8 @@ def test_run_folder_contents(tmp_path):
     assert len(record.metrics()) == 2
     ckpt = torch.load(record.checkpoint_path, weights_only=True)  # loads without unpickling code
     assert ckpt["epoch"] == 2 and "model" in ckpt["modules"]
-    env = json.loads((record.path / "env.json").read_text())
-    assert env["torch"] == torch.__version__
+    (env,) = json.loads((record.path / "env.json").read_text())["sessions"]
+    assert env["torch"] == torch.__version__ and env["epochs_logged_at_start"] == 0
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -13,10 +13,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 LAYERS: dict[int, tuple[str, ...]] = {
-    0: ("errors", "seeding", "data", "runtime", "config", "registry", "records", "distributed", "models", "cnn",
-        "losses", "sam", "analysis", "evaluate"),  # foundations
-    1: ("augment", "gpu_recipe", "gpu_kernels", "gpu_randaugment", "gpu_augment", "portable", "verify", "tracking",
-        "datasets.*"),  # inputs
+    0: ("errors", "seeding", "data", "runtime", "config", "registry", "schemas", "atomic", "run_lock", "records",
+        "distributed", "models", "cnn", "losses", "sam", "analysis", "evaluate"),  # foundations
+    1: ("augment", "gpu_recipe", "gpu_kernels", "gpu_randaugment", "gpu_augment", "portable", "image_cache", "verify",
+        "tracking", "datasets.*"),  # inputs
     2: ("method", "resolve", "progress"),  # contracts
     3: ("engine", "teacher"),  # training
     4: ("methods.*",),  # methods

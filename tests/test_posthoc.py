@@ -8,7 +8,8 @@ import pytest
 
 from ltbench import resolve, stages
 from ltbench.errors import UserError
-from ltbench.posthoc import LOGITS_FILE, posthoc_adjust
+from ltbench.posthoc import posthoc_adjust
+from ltbench.records import LOGITS_FILE
 from ltbench.runtime import Runtime
 from tests.conftest import FAST_VIT
 

@@ -22,7 +22,7 @@ import torch
 from click.testing import CliRunner
 from ltbench.datasets.cifar_lt import CIFAR10LT, CIFARLTOptions
 
-from ltbench import records, resolve, runset, stages
+from ltbench import atomic, records, resolve, runset, stages
 from ltbench.cli import main
 from ltbench.config import RunConfig
 from ltbench.data import exp_profile_counts
@@ -193,7 +193,7 @@ def test_resume_survives_a_torn_metrics_line_a_full_disk_and_stale_temporaries(c
 def test_corruption_before_the_last_metrics_line_is_an_error(tmp_path):
     record = RunRecord(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n')
-    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+    with pytest.raises(UserError, match="line 2 is damaged: it is not valid JSON"):
         record.metrics()
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "x"')
     notes: list[str] = []
@@ -218,7 +218,7 @@ def test_read_only_run_folder_and_runs_folder_are_clear_errors(copy_run, monkeyp
     # simulated: the tests may run as root, which ignores file modes
     run = copy_run("partial")
     with monkeypatch.context() as patch:
-        patch.setattr(records.tempfile, "mkstemp", lambda dir, **_: (_ for _ in ()).throw(_denied(dir)))
+        patch.setattr(atomic.tempfile, "mkstemp", lambda dir, **_: (_ for _ in ()).throw(_denied(dir)))
         out = text_of(invoke("run", *TINY, "--results", results_of(run), expect=2))
     assert f"Could not write {run}" in out and "Permission denied" in out
     shutil.rmtree(run)
