@@ -11,25 +11,22 @@ train count (DeiT-LT's and Saddle's label space, where their head/mid/tail index
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from PIL import Image
+from ltbench.datasets.filelist_cache import CACHE_FOLDER, build_resized_cache, write_atomic
 
+from ltbench.config import recorded_if_set
 from ltbench.data import IMAGENET_MEAN, IMAGENET_STD, Dataset, DatasetInfo, FileListSplit, LTData, frequency_order
 from ltbench.errors import UserError
+from ltbench.splits import CARVE_SHARE, carve_val
 
 INAT_MEAN = (0.466, 0.471, 0.380)
 INAT_STD = (0.195, 0.194, 0.192)
-CACHE_FOLDER = ".ltbench-cache"
 LINE_FORMAT = "`<relative path> <integer label>`"
 
 
@@ -56,6 +53,10 @@ class ListFile:
     num_lines: int
     problems: list[tuple[int, str]] = field(default_factory=list)  # (line number, message)
     line_numbers: np.ndarray | None = None  # line of each entry, when malformed lines were skipped
+
+    def subset(self, indices: np.ndarray) -> ListFile:
+        """The entries at ``indices`` (a carved split), still naming the list they come from."""
+        return ListFile(self.path, [self.paths[i] for i in indices], self.labels[indices], self.sha256, self.num_lines)
 
     def where(self, index: int) -> str:
         """``file:line`` of the index-th parsed entry."""
@@ -139,6 +140,8 @@ class FileListOptions:
 @dataclass
 class INatOptions(FileListOptions):
     eval_split: str = "val"  # iNat-2018 has no labelled test set; LT papers report on val
+    # >0: a val split carved from the training list (ltbench.splits.carve_val), changing training and the run id
+    carve_val_per_class: int = recorded_if_set(0)
 
 
 class FileListLT(Dataset):
@@ -208,17 +211,21 @@ class FileListLT(Dataset):
         self.prepare_lists(folder)
         train = read_list(self.list_path(folder, "train"))
         test = read_list(self.list_path(folder, opt.eval_split))
+        train, val, val_source = self.val_split(folder, train)
         counts = self.list_counts(train)
         self.check_labels(test, len(counts), f"the classes of the train list {train.path}")
         names = class_names_from_paths(train.paths, train.labels, len(counts))
         extras: dict[str, Any] = {"lists": {"train": str(train.path), opt.eval_split: str(test.path)},
-                                  "list_sha256": {"train": train.sha256, opt.eval_split: test.sha256}}
+                                  "list_sha256": {"train": train.sha256, opt.eval_split: test.sha256},
+                                  "val_source": val_source, "test_source": f"the list {test.path.name}"}
+        val_labels = val.labels if val is not None else None
         train_labels, test_labels, paper_split = train.labels, test.labels, None
         if opt.sort_by_frequency:
             order = frequency_order(counts)
             label_map = np.empty(len(counts), dtype=np.int64)
             label_map[order] = np.arange(len(counts))
             train_labels, test_labels = label_map[train_labels], label_map[test_labels]
+            val_labels = label_map[val_labels] if val is not None else None
             counts, names = counts[order], tuple(names[i] for i in order)
             extras["label_map"] = label_map.tolist()  # original label -> frequency rank (DeiT-LT's --map-targets)
             if len(counts) == self.num_classes:  # DeiT-LT's index ranges: the full, sorted label space only
@@ -226,13 +233,26 @@ class FileListLT(Dataset):
         root = folder
         if opt.cache_resized:
             root = self.cache_folder(opt.cache_resized)
-            for listing in (train, test):
+            for listing in (train, test, *([val] if val is not None else [])):
                 build_resized_cache(folder, root, listing, opt.cache_resized)
         info = DatasetInfo(name=self.name, num_classes=len(counts), train_counts=tuple(counts.tolist()),
                            image_size=self.image_size, mean=self.mean, std=self.std, class_names=names,
                            paper_split=paper_split, extras=extras, variable_size=True)
         return LTData(info, FileListSplit(root, train.paths, train_labels),
-                      FileListSplit(root, test.paths, test_labels))
+                      FileListSplit(root, test.paths, test_labels),
+                      val=FileListSplit(root, val.paths, val_labels) if val is not None else None)
+
+    def val_split(self, folder: Path, train: ListFile) -> tuple[ListFile, ListFile | None, str]:
+        """(the training list, the val list or None, how val was made): the official val list, unless it is the
+        split evaluated as test or absent."""
+        spec = self.splits.get("val")
+        if spec is None or self.options.eval_split == "val":
+            return train, None, "none: the val list is the split reported as test"
+        if not (folder / spec.file).is_file():
+            return train, None, f"none: {folder / spec.file} was not found"
+        val = read_list(folder / spec.file)
+        self.check_labels(val, int(train.labels.max()) + 1, f"the classes of the train list {train.path}")
+        return train, val, f"the official val list {spec.file}, disjoint from train and test"
 
     @classmethod
     def check_labels(cls, listing: ListFile, num_classes: int, what: str) -> None:
@@ -306,6 +326,17 @@ class INat2018(FileListLT):
     def has_train_list(cls, folder: Path) -> bool:
         return super().has_train_list(folder) or (folder / cls.json_files["train"]).is_file()
 
+    def val_split(self, folder: Path, train: ListFile) -> tuple[ListFile, ListFile | None, str]:
+        """iNat's only val list is the one LT papers report as test: a val for selection is carved from train."""
+        per_class = self.options.carve_val_per_class
+        if not per_class:
+            return train, None, ("none: iNat-2018's val list is its reported test split; set "
+                                 "data.carve_val_per_class=N to carve a val split from the training list")
+        keep, held = carve_val(train.labels, per_class)
+        source = (f"carved from {train.path.name}: min({per_class}, n_c // {CARVE_SHARE}) images per class (seed 0) "
+                  f"left training; classes with fewer than {CARVE_SHARE} training images have no val image")
+        return train.subset(keep), train.subset(held), source
+
     @classmethod
     def prepare_lists(cls, folder: Path) -> list[str]:
         done = []
@@ -359,87 +390,3 @@ def convert_inat_json(source: Path, target: Path) -> int:
                             f"with an integer category_id; the file is incomplete.") from exc
     write_atomic(target, "".join(lines).encode("utf-8"))
     return len(lines)
-
-
-def write_atomic(target: Path, data: bytes) -> None:
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise UserError(f"Cannot write {target} ({exc.strerror or exc}); make its folder writable.") from exc
-
-
-# ----------------------------------------------------------------------------------------------
-# Decode + resize cache
-
-
-def build_resized_cache(source_root: Path, cache_root: Path, listing: ListFile, size: int,
-                        workers: int | None = None) -> None:
-    """Store every image of ``listing`` under ``cache_root`` at the same relative path, decoded once and
-    resized so its shorter side is ``size`` (smaller images are copied). Missing files are built in
-    parallel; a marker named after the list's sha256 skips the scan next time."""
-    marker = cache_root / f".complete-{listing.path.name}-{listing.sha256[:16]}"
-    if marker.is_file():
-        return
-    errors = parallel_map(_resize_one(source_root, cache_root, size), listing.paths, workers)
-    for index, error in enumerate(_progress(errors, len(listing.paths), f"caching {listing.path.name}")):
-        if error:
-            raise UserError(f"{listing.where(index)}: image {source_root / listing.paths[index]} {error}. "
-                            f"Run `ltbench data verify` to list every problem of the copy.")
-    write_atomic(marker, b"")
-
-
-def parallel_map(func: Callable[[Any], Any], items: list, workers: int | None = None,
-                 chunk: int = 4096) -> Iterator[Any]:
-    """``func`` over ``items`` on a thread pool (PIL decodes and resizes without the GIL), results in order.
-    Work is submitted a chunk at a time so that half a million images never means half a million futures."""
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        for start in range(0, len(items), chunk):
-            yield from pool.map(func, items[start:start + chunk])
-
-
-def _resize_one(source_root: Path, cache_root: Path, size: int) -> Callable[[str], str | None]:
-    def work(relative: str) -> str | None:
-        target = cache_root / relative
-        if target.is_file():
-            return None
-        source = source_root / relative
-        try:
-            with Image.open(source) as img:
-                if min(img.size) <= size:
-                    write_atomic(target, source.read_bytes())  # never upsample: keep the original bytes
-                    return None
-                img.draft("RGB", (size, size))  # JPEG: let libjpeg decode at a reduced scale >= size
-                rgb = img.convert("RGB")
-            scale = size / min(rgb.size)
-            resized = rgb.resize((max(size, round(rgb.width * scale)), max(size, round(rgb.height * scale))),
-                                 Image.Resampling.BICUBIC)
-        except FileNotFoundError:
-            return "is missing"
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            return f"cannot be decoded ({exc})"
-        write_atomic(target, _jpeg_bytes(resized))
-        return None
-
-    return work
-
-
-def _jpeg_bytes(img: Image.Image) -> bytes:
-    out = io.BytesIO()
-    img.save(out, format="JPEG", quality=95, subsampling=0)  # 4:4:4, high quality: one extra lossy step only
-    return out.getvalue()
-
-
-def _progress(items, total: int, description: str):
-    """Iterate with a rich progress bar on stderr (quiet when stderr is not a terminal)."""
-    from rich.console import Console
-    from rich.progress import track
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        yield from items
-        return
-    yield from track(items, total=total, description=description, console=console, transient=True)

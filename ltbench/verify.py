@@ -18,7 +18,8 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from ltbench.datasets.filelist_lt import FileListLT, out_of_range, parallel_map, read_list
+from ltbench.datasets.filelist_cache import parallel_map
+from ltbench.datasets.filelist_lt import FileListLT, out_of_range, read_list
 from ltbench.errors import UserError
 from ltbench.registry import DATASETS
 

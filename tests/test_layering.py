@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("errors", "seeding", "data", "runtime", "config", "registry", "records", "distributed", "models", "cnn",
-        "losses", "sam", "analysis", "evaluate"),  # foundations
+        "losses", "sam", "analysis", "evaluate", "splits"),  # foundations
     1: ("augment", "gpu_recipe", "gpu_kernels", "gpu_randaugment", "gpu_augment", "portable", "verify", "tracking",
         "datasets.*"),  # inputs
     2: ("method", "resolve", "progress"),  # contracts
