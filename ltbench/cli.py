@@ -127,8 +127,14 @@ def eval_(run_ref, heads, recompute, taus, **rt) -> None:
               help="many/medium/few by training counts (>100 / 20-100 / <20) or DeiT-LT's class-index ranges.")
 @click.option("--metric", "metrics", multiple=True, metavar="top1|many|medium|few|ece",
               help="Metric column(s), repeatable or comma-separated (default: top1, many, medium, few).")
-@click.option("--select", type=click.Choice(["final", "best"]), default="final", show_default=True,
-              help="Numbers of the final epoch, or of each run's best test epoch (optimistic).")
+@click.option("--select", default="final", show_default=True, metavar="final|val|oracle",
+              help="Epoch selection rule: the final epoch; the epoch with the best val top-1 (test reported there); "
+                   "or oracle, each run's best test epoch (selects on test: optimistic, labelled, shown beside final).")
+@click.option("--baseline", default=None, metavar="METHOD",
+              help="Add to every other row its paired difference with this row (a method or row label): mean over "
+                   "common seeds, 95 % bootstrap interval, P(better); n.s. when the interval contains 0.")
+@click.option("--ci/--no-ci", default=True, show_default=True,
+              help="95 % bootstrap intervals in every cell (over seeds and test images, stratified by class).")
 @click.option("--spread", type=click.Choice(["std", "se"]), default="std", show_default=True,
               help="Standard deviation or standard error over seeds.")
 @click.option("--heads", is_flag=True, help="One row per head (main / CLS / DIST) for multi-head methods.")
@@ -137,7 +143,8 @@ def eval_(run_ref, heads, recompute, taus, **rt) -> None:
 @click.option("--method", "methods", multiple=True, help="Only these methods (repeatable).")
 @click.option("--dataset", "datasets", multiple=True, help="Only these datasets (repeatable).")
 @click.option("--compare", type=click.Choice(["paper"]), default=None,
-              help="Add the published numbers (ltbench/reference/paper_numbers.csv) and the difference.")
+              help="Add the published numbers (ltbench/reference/paper_numbers.csv) and the difference; a paper's "
+                   "best-epoch number is compared with ltbench's oracle, and the table says so.")
 @click.option("--adjust", type=float, default=None, metavar="TAU",
               help="Also rows of post-hoc logit adjustment at TAU (from `ltbench eval RUN --adjust TAU`).")
 @click.option("--digits", type=click.IntRange(min=0), default=2, show_default=True)
@@ -146,14 +153,15 @@ def eval_(run_ref, heads, recompute, taus, **rt) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to FILE.")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write per-class and CLS-vs-DIST figures (PNG and PDF) into DIR.")
-def report(results, fmt, split, metrics, select, spread, heads, by, methods, datasets, compare, adjust, digits, out,
-           plots_dir, standalone) -> None:
+def report(results, fmt, split, metrics, select, baseline, ci, spread, heads, by, methods, datasets, compare, adjust,
+           digits, out, plots_dir, standalone) -> None:
     """Tables of many/medium/few accuracy over seeds from the run folders (reads nothing else)."""
 
     metric_list = tuple(m.strip() for item in metrics for m in item.split(",") if m.strip()) or runset.DEFAULT_METRICS
     options = runset.ReportOptions(select=select, split=split, metrics=metric_list, heads=heads, by=tuple(by),
                                spread=spread, digits=digits, compare=compare, methods=tuple(methods),
-                               datasets=tuple(datasets), standalone=standalone, adjust=adjust)
+                               datasets=tuple(datasets), standalone=standalone, adjust=adjust, ci=ci,
+                               baseline=baseline)
     text = rp.report(results.resolve(), fmt, options)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

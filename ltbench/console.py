@@ -24,6 +24,7 @@ from ltbench import projection
 from ltbench import reproduce as rpd
 from ltbench.launcher import SweepObserver
 from ltbench.records import run_state
+from ltbench.selection import RULE_TEXT, RULES, rule_block
 from ltbench.sweep import Job, SweepPlan, describe_job, num_text
 
 console = Console()
@@ -282,13 +283,13 @@ def _fmt(value: Any) -> str:
 
 
 def print_result(result: dict[str, Any], all_heads: bool = False) -> None:
-    """A many/medium/few table of the final and best epochs (main head, or every head)."""
+    """A many/medium/few table on test at the epochs the three selection rules pick (main head, or every head)."""
     table = Table(title=f"{result['method']} on {result['dataset']} {result['config']['data']} "
                         f"seed {result['config']['seed']} (run {result['run_id']})")
     for col in ("epoch", "head", "split", "top-1", "many", "medium", "few", "ECE"):
         table.add_column(col, justify="right" if col not in ("head", "split", "epoch") else "left")
-    for label in ("final", "best"):
-        block = result.get(label)
+    for rule in RULES:
+        block, label = rule_block(result, rule), rule
         if not block:
             continue
         head_names = list(block["heads"]) if all_heads else ["main"]
@@ -302,5 +303,5 @@ def print_result(result: dict[str, Any], all_heads: bool = False) -> None:
                               _fmt(groups["medium"]), _fmt(groups["few"]), _fmt(m["ece"]))
     console.print(table)
     console.print("counts split: many > 100, medium 20..100, few < 20 training images; paper split: DeiT-LT's "
-                  "class-index ranges. n/a = no class in that group. best = best test epoch (optimistic).",
+                  "class-index ranges. n/a = no class in that group. " + "; ".join(RULE_TEXT.values()) + ".",
                   highlight=False, style="dim")

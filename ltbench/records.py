@@ -25,6 +25,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from ltbench.config import RunConfig
 from ltbench.errors import UserError
+from ltbench.selection import BLOCK
 
 if TYPE_CHECKING:
     import torch
@@ -199,16 +200,17 @@ class RunRecord:
 
     def finished_result(self, select: str = "final") -> tuple[dict[str, Any] | None, str | None]:
         """(the run's result, None), or (None, why a table leaves the run out): unfinished, or a result.json that
-        is missing or lacks a top-1 for the ``select`` block."""
+        is missing or lacks a top-1 for the block of the selection rule ``select`` (final | val | oracle)."""
         if not self.done:
             return None, f"unfinished ({epochs_logged(self.path)} epoch(s) logged)"
         if not (self.path / RESULT).is_file():
             return None, "DONE but no result.json"
         try:
             result = json.loads((self.path / RESULT).read_text())
-            if select == "best" and result.get("best") is None:
-                return None, "no evaluated epoch to select as best"
-            heads = result[select]["heads"]
+            block = BLOCK.get(select, select)  # a selection rule's block (ltbench.selection)
+            if select != "final" and isinstance(result, dict) and result.get(block) is None:
+                return None, _no_block(select, result)
+            heads = result[block]["heads"]
             if not heads or not all(isinstance(m["top1"], (int, float)) for m in heads.values()):
                 raise ValueError("no head with a top-1")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -371,6 +373,15 @@ def config_problem(folder: Path) -> str | None:
         return (f"its config.json hashes to run id {run_id}, not to the folder's name {folder.name}: it was edited "
                 f"(or the folder renamed), so it no longer describes what was trained")
     return None
+
+
+def _no_block(rule: str, result: dict[str, Any]) -> str:
+    """Why a finished run has no block for a selection rule."""
+    if rule != "val":
+        return f"no evaluated epoch to select by the {rule} rule"
+    if "val_split" not in result:
+        return "no val evaluation (trained before val splits existed: retrain it to select on val)"
+    return f"no val split ({result['val_split'].get('source', 'none')})"
 
 
 def tau_key(tau: float) -> str:

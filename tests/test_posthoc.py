@@ -64,4 +64,4 @@ def test_unfinished_runs_and_best_epoch_selection_are_refused(tmp_path):
     from ltbench.runset import ReportOptions
 
     with pytest.raises(UserError, match="--select final"):
-        ReportOptions(select="best", adjust=1.0)
+        ReportOptions(select="oracle", adjust=1.0)
