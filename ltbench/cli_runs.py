@@ -33,6 +33,8 @@ from ltbench.launcher import Resources, run_sweep
 @click.option("--datasets", default=None, help="Comma-separated dataset names.")
 @click.option("--rho", default=None, help="Comma-separated imbalance ratios (default: each dataset's own).")
 @click.option("--seeds", default=None, help="Comma-separated seeds or ranges, e.g. 0,1,2 or 0-4 (default 0).")
+@click.option("--subsample-seeds", default=None,
+              help="CIFAR-LT subset seeds (data.subsample_seed) as an axis of their own, e.g. 0,1 (default: 0 only).")
 @click.option("--save-logits", is_flag=True, help="Also save each run's final test logits.")
 @click.option("--stop-after-epochs", type=click.IntRange(min=1), default=None,
               help="Stop every run after N epochs, resumable.")
@@ -48,19 +50,19 @@ from ltbench.launcher import Resources, run_sweep
 @click.option("--dry-run", is_flag=True, help="Print the grid and what is already done; train nothing.")
 @LOG_OPTION
 @runtime_options
-def sweep(grid_file, methods, datasets, rho, seeds, preset, epochs, sets, save_logits, stop_after_epochs,
-          gpus_per_trial, cpus_per_trial, address, max_failures, dry_run, **rt) -> None:
+def sweep(grid_file, methods, datasets, rho, seeds, subsample_seeds, preset, epochs, sets, save_logits,
+          stop_after_epochs, gpus_per_trial, cpus_per_trial, address, max_failures, dry_run, **rt) -> None:
     """Run a grid of methods x datasets x rho x seeds on Ray Tune; only what is not done yet is trained.
 
-    The grid comes from the options or from GRID_FILE (YAML with keys methods, datasets, rho, seeds, preset,
-    epochs, set); options given on the command line override the file's. Every run is an ordinary
-    `ltbench run`: finished runs are skipped, interrupted ones resume, teachers train once before students.
+    The grid comes from the options or from GRID_FILE (YAML with keys methods, datasets, rho, seeds,
+    subsample_seeds, preset, epochs, set); options given on the command line override the file's. Every run is an
+    ordinary `ltbench run`: finished runs are skipped, interrupted ones resume, teachers train once before students.
     `--set METHOD:KEY=VALUE` applies to one method of the grid only.
     """
 
     file_values = sw.load_grid_file(grid_file) if grid_file else None
     grid = sw.build_grid(file_values, methods=methods, datasets=datasets, rho=rho, seeds=seeds, preset=preset,
-                         epochs=epochs, sets=sets)
+                         epochs=epochs, sets=sets, subsample_seeds=subsample_seeds)
     runtime = make_runtime(**rt, save_logits=save_logits, stop_after_epochs=stop_after_epochs)
     plan = sw.plan_sweep(grid, runtime.results)
     upstream = sum(not j.requested for j in plan.jobs.values())
