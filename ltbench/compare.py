@@ -167,3 +167,23 @@ def varies_subsets(cells: pd.DataFrame, keys: Mapping[str, Any]) -> bool:
         nan = isinstance(value, float) and math.isnan(value)
         mask &= (cells[key].isna() if nan else cells[key] == value).to_numpy()
     return bool(cells.loc[mask, "subsample_seeds"].str.contains(";").any())
+
+
+# ----------------------------------------------------------------------------------------------
+# Search trials, listed apart
+
+
+def search_note(trials: Sequence[Mapping[str, Any]]) -> str:
+    """The trials of `ltbench tune` searches: what they scored on val, kept out of the cells."""
+    ordered = sorted(trials, key=lambda t: (t["tune_id"], -(t["objective"] if t["objective"] is not None
+                                                             else -math.inf)))
+    listed = "; ".join(f"{t['run_id']} {params_text(t['params'])}: {t['objective_name']} "
+                       f"{'n/a' if t['objective'] is None else format(t['objective'], '.2f')} ({t['status']})"
+                       for t in ordered)
+    tunes = ", ".join(sorted({t["tune_id"] for t in trials}))
+    return (f"Search trials of tune {tunes}, listed apart (not in the cells; scored on val, their test numbers "
+            f"unused): {listed}.")
+
+
+def params_text(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())

@@ -293,6 +293,20 @@ def parse_set_options(items: Iterable[str]) -> tuple[dict[str, str], dict[str, s
     return hparams, data
 
 
+def read_yaml_mapping(path: Any, what: str, expected: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a sweep grid, a search space); ``expected`` says what it maps."""
+    import yaml
+
+    try:
+        with open(path) as fh:
+            payload = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"Cannot read the {what} {path}: {exc}") from exc
+    if not isinstance(payload, Mapping):
+        raise UserError(f"The {what} {path} must be a mapping: {expected}.")
+    return dict(payload)
+
+
 def to_jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}

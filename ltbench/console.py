@@ -5,6 +5,7 @@ Library modules return data; this module draws it. Status lines go to stderr (:f
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -22,6 +23,7 @@ from rich.text import Text
 
 from ltbench import projection
 from ltbench import reproduce as rpd
+from ltbench.compare import params_text
 from ltbench.launcher import SweepObserver
 from ltbench.records import run_state
 from ltbench.selection import RULE_TEXT, RULES, rule_block
@@ -305,3 +307,16 @@ def print_result(result: dict[str, Any], all_heads: bool = False) -> None:
     console.print("counts split: many > 100, medium 20..100, few < 20 training images; paper split: DeiT-LT's "
                   "class-index ranges. n/a = no class in that group. " + "; ".join(RULE_TEXT.values()) + ".",
                   highlight=False, style="dim")
+
+
+def print_tune(trials: list[dict[str, Any]], best: dict[str, Any] | None, objective: str) -> None:
+    """The search's trials, best first: their val objective, how far they went (ASHA stops some early)."""
+    table = Table(title=f"search trials ({objective} on val; the test split is never read)")
+    for col in ("run", "hyperparameters", objective, "evaluations", "status"):
+        table.add_column(col, justify="right" if col in (objective, "evaluations") else "left")
+    ordered = sorted(trials, key=lambda t: -(t["objective"] if t["objective"] is not None else -math.inf))
+    for trial in ordered:
+        mark = " *" if best is not None and trial["run_id"] == best["run_id"] else ""
+        table.add_row(trial["run_id"] + mark, params_text(trial["params"]), _fmt(trial["objective"]),
+                      str(len(trial["history"])), trial["status"])
+    console.print(table)

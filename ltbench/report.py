@@ -32,6 +32,7 @@ from ltbench.compare import (
     interval_text,
     mean_at,
     oracle_rows,
+    search_note,
     subset_cell,
     subset_facts,
     varies_subsets,
@@ -401,6 +402,13 @@ def _notes(runs: RunSet, cells: pd.DataFrame, options: ReportOptions) -> list[st
         ordered = sorted(by_cell.items(), key=lambda kv: natural_key(kv[0]))
         detail = "; ".join(f"{k} ({', '.join(v)})" for k, v in ordered)
         notes.append(f"Excluded {len(runs.incomplete)} incomplete run(s): {detail}.")
+    if runs.search:
+        notes.append(search_note(runs.search))
+    if any(flat.get("data.eval_split") == "val" for flat in runs.flat_configs.values()):
+        listed = sorted({rid.split("+")[0] for rid, flat in runs.flat_configs.items()
+                         if flat.get("data.eval_split") == "val"})
+        notes.append(f"'Test' is the official val list for {len(listed)} run(s) (data.eval_split=val; iNaturalist-2018 "
+                     f"has no labelled test set, so its papers report on val).")
     if options.compare:
         sources = sorted({s for s in cells.get("paper_source", pd.Series(dtype=str)) if s})
         if sources:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from ltbench.config import uses_sam
 from ltbench.errors import UserError
-from ltbench.records import RunRecord, config_problem, posthoc_label, runs_dir, tau_key
+from ltbench.records import RunRecord, config_problem, posthoc_label, runs_dir, tau_key, tune_manifests
 from ltbench.runtime import RUNTIME_OPTIONS
 from ltbench.selection import BLOCK, RULES
 
@@ -51,7 +51,8 @@ class ReportOptions:
     methods: tuple[str, ...] = ()  # keep only these methods (empty = all)
     datasets: tuple[str, ...] = ()
     standalone: bool = False  # LaTeX: a compilable document instead of a table to paste
-    adjust: float | None = None  # also rows of post-hoc logit adjustment at this tau (posthoc_la.json)
+    # also rows of post-hoc logit adjustment at this tau (posthoc_la.json), or "auto": each run's tau chosen on val
+    adjust: float | str | None = None
     ci: bool = True  # 95 % bootstrap intervals in every cell (ltbench.stats)
     baseline: str | None = None  # a row label (or method) every other row is compared with, paired by seed
 
@@ -66,7 +67,8 @@ class ReportOptions:
             choice("--metric", metric, METRICS)
         if self.compare is not None:
             choice("--compare", self.compare, ("paper",))
-        valid_tau = self.adjust is None or (math.isfinite(self.adjust) and self.adjust >= 0)
+        valid_tau = self.adjust in (None, "auto") or (isinstance(self.adjust, (int, float)) and
+                                                      math.isfinite(self.adjust) and self.adjust >= 0)
         if self.adjust is not None and (self.select != "final" or not valid_tau):
             raise UserError("--adjust TAU needs tau >= 0 and --select final: post-hoc adjustment is computed on each "
                             "run's final-epoch logits.")
@@ -91,6 +93,8 @@ class RunSet:
     per_class: dict[str, dict[str, Any]] = field(default_factory=dict)  # run id -> class_counts, heads -> accuracies
     # run id -> {rule: head -> metric -> value at the epoch the rule picks, "eval_every": epochs}
     selection: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the trials of `ltbench tune` searches, listed apart: their selection used val, the cells hold only real runs
+    search: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load_runs(results: Path, options: ReportOptions | None = None) -> RunSet:
@@ -106,8 +110,14 @@ def load_runs(results: Path, options: ReportOptions | None = None) -> RunSet:
     incomplete: list[dict[str, Any]] = []
     per_class: dict[str, dict[str, Any]] = {}
     selection: dict[str, dict[str, Any]] = {}
+    trials = {t["run_id"]: {**t, "tune_id": m["tune_id"], "objective_name": m["objective"]}
+              for m in tune_manifests(Path(results)) for t in m["trials"]}
+    search = []
     for record in (RunRecord(p) for p in sorted(base.iterdir())):
         if not record.holds_a_run():
+            continue
+        if record.run_id in trials:
+            search.append(trials[record.run_id])
             continue
         folder, problem = record.path, config_problem(record.path)
         config = record.read_json("config.json") if problem is None else record.untrusted_config()
@@ -127,22 +137,27 @@ def load_runs(results: Path, options: ReportOptions | None = None) -> RunSet:
         if options.adjust is not None:
             rows += _posthoc_rows(record, config, result, options, flat, incomplete)
     columns = ["run_id", "method", "dataset", "rho", "data", "seed", "subsample_seed", "head", "epoch", *METRICS]
-    return RunSet(pd.DataFrame(rows, columns=columns), flat, incomplete, per_class, selection)
+    return RunSet(pd.DataFrame(rows, columns=columns), flat, incomplete, per_class, selection, search)
 
 
 def _posthoc_rows(record: RunRecord, config: Mapping[str, Any], result: Mapping[str, Any], options: ReportOptions,
                   flat: dict[str, dict[str, str]], incomplete: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The run's post-hoc logit-adjusted result at ``options.adjust`` as rows of their own, labelled
     "<method> + post-hoc LA τ=..." (never matched to the method's paper numbers); missing ones are listed."""
-    folder = record.path
-    key, label = tau_key(options.adjust), posthoc_label(config["method"], options.adjust)
-    block = ((record.posthoc() or {}).get("taus") or {}).get(key)
+    folder, payload = record.path, record.posthoc() or {}
+    if options.adjust == "auto":  # each run's own tau, chosen on val; one label, so the seeds share a row
+        key = (payload.get("auto") or {}).get("tau", "auto")
+        label = f"{config['method']} + post-hoc LA τ chosen on val"
+    else:
+        key, label = tau_key(options.adjust), posthoc_label(config["method"], options.adjust)
+    block = (payload.get("taus") or {}).get(key)
     if block is None:
         incomplete.append({"run_id": folder.name, **_coordinates({**config, "method": label}),
-                           "reason": f"no post-hoc result yet: ltbench eval {folder.name} --adjust {key}"})
+                           "reason": f"no post-hoc result yet: ltbench eval {folder.name} --adjust "
+                                     f"{'auto' if options.adjust == 'auto' else key}"})
         return []
     run_key = f"{folder.name}+la{key}"
-    flat[run_key] = {**flatten_config(config, result), "posthoc_tau": key}
+    flat[run_key] = {**flatten_config(config, result), "posthoc_tau": "auto" if options.adjust == "auto" else key}
     return _head_rows(run_key, {**config, "method": label}, {"final": block}, options)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ltbench.config import RunConfig
+from ltbench.config import RunConfig, read_yaml_mapping
 from ltbench.errors import UserError
 from ltbench.records import UNUSABLE_RUN_FIX, config_problem, find_run, run_state, runs_dir
 from ltbench.registry import DATASETS, METHODS
@@ -124,14 +124,7 @@ def _yaml_scalar(value: Any) -> str:
 
 def load_grid_file(path: Path) -> dict[str, Any]:
     """The grid keys of a YAML sweep file (validated; values still unparsed)."""
-    import yaml
-
-    try:
-        payload = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"Cannot read the sweep file {path}: {exc}") from exc
-    if not isinstance(payload, Mapping):
-        raise UserError(f"The sweep file {path} must be a mapping with keys {', '.join(GRID_KEYS)}.")
+    payload = read_yaml_mapping(path, "sweep file", f"keys {', '.join(GRID_KEYS)}")
     unknown = sorted(set(payload) - set(GRID_KEYS))
     if unknown:
         raise UserError(f"Unknown key(s) {', '.join(unknown)} in {path}. Valid keys: {', '.join(GRID_KEYS)}.")
