@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from ltbench.datasets.filelist_cache import CACHE_FOLDER, build_resized_cache, write_atomic
 
 from ltbench.config import recorded_if_set
 from ltbench.data import IMAGENET_MEAN, IMAGENET_STD, Dataset, DatasetInfo, FileListSplit, LTData, frequency_order
 from ltbench.errors import UserError
+from ltbench.image_cache import CACHE_FOLDER, build_resized_cache, write_atomic
 from ltbench.splits import CARVE_SHARE, carve_val
 
 INAT_MEAN = (0.466, 0.471, 0.380)

@@ -332,7 +332,8 @@ def describe_job(job: Job) -> dict[str, str]:
     role = "run" if job.requested else "upstream"
     progress = f"{job.epochs_done}/{job.epochs}" if job.status != "new" else f"0/{job.epochs}"
     return {"run id": job.run_id, "method": job.config.method, "dataset": job.config.dataset,
-            "rho": num_text(rho) if rho is not None else "-", "seed": str(job.config.seed), "role": role,
+            "rho": num_text(rho) if rho is not None else "-", "seed": str(job.config.seed),
+            "subset": str(job.config.data.get("subsample_seed", "-")), "role": role,
             "wave": str(job.wave), "status": job.status, "epochs": progress}
 
 

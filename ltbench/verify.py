@@ -18,9 +18,9 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from ltbench.datasets.filelist_cache import parallel_map
 from ltbench.datasets.filelist_lt import FileListLT, out_of_range, read_list
 from ltbench.errors import UserError
+from ltbench.image_cache import parallel_map
 from ltbench.registry import DATASETS
 
 

@@ -17,7 +17,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "losses", "sam", "analysis", "evaluate", "splits",
         "selection", "stats"),  # foundations
     1: ("augment", "gpu_recipe", "gpu_kernels", "gpu_randaugment", "gpu_augment", "portable", "verify", "tracking",
-        "datasets.*"),  # inputs
+        "image_cache", "datasets.*"),  # inputs
     2: ("method", "resolve", "progress"),  # contracts
     3: ("engine", "teacher"),  # training
     4: ("methods.*",),  # methods
