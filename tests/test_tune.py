@@ -12,9 +12,12 @@ from ltbench import runset
 from ltbench.errors import UserError
 from ltbench.records import RunRecord, run_state, runs_dir, tune_manifests
 from ltbench.tuning import TuneSpec, check_spec, objective_value, parse_space
+from tests.conftest import FAST_VIT
 
-FAST = ["workers=0", "batch_size=16", "data.num_classes=4", "data.n_max=60", "data.n_test=10", "data.n_val=10",
-        "data.image_size=16", "data.noise=0.3"]  # learnable in an epoch or two, so the trials differ on val
+# A tiny ViT on an easy synthetic set: from lr 1e-5 (learns nothing in 3 epochs) to 1e-2 (learns it in two), so the
+# trials differ clearly on val and ASHA has something to stop.
+FAST = [*FAST_VIT, "batch_size=16", "warmup_epochs=0", "data.num_classes=4", "data.n_max=60", "data.n_test=10",
+        "data.n_val=10", "data.noise=0.3"]
 
 
 def test_search_ranges_parse_and_bad_ones_are_refused():
@@ -46,8 +49,9 @@ def test_the_objective_reads_the_val_block_only():
 
 def test_tune_with_asha_and_optuna_stops_trials_retrains_the_best_and_is_listed_apart(cli, tmp_path):
     results = tmp_path / "results"
-    out = cli("tune", "--method", "erm_cnn", "--dataset", "synthetic", "--rho", "2", "--preset", "tiny", "--epochs",
-              "3", "--space", "lr=loguniform(1e-4,0.5)", "--searcher", "optuna", "--scheduler", "asha", "--trials", "6",
+    out = cli("tune", "--method", "erm_vit", "--dataset", "synthetic", "--rho", "2", "--preset", "tiny", "--epochs",
+              "3", "--space", "lr=loguniform(1e-5,1e-2)", "--searcher", "optuna", "--scheduler", "asha",
+              "--trials", "6",
               "--concurrent", "2", "--final-seeds", "2", "--results", str(results), "--data-root", str(tmp_path),
               "--device", "cpu", "--quiet", *[a for s in FAST for a in ("--set", s)])
     [manifest] = tune_manifests(results)
