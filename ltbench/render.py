@@ -97,7 +97,8 @@ def _md_escape(text: str) -> str:
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "ρ": r"$\rho$", "Δ": r"$\Delta$", "±": r"$\pm$", "–": "--", "↳": r"$\hookrightarrow$",
+                  "ρ": r"$\rho$", "σ": r"$\sigma$",
+                  "×": r"$\times$", "Δ": r"$\Delta$", "±": r"$\pm$", "–": "--", "↳": r"$\hookrightarrow$",
                   "\n": " ", "\r": " "}  # a blank line inside a table cell ends the paragraph: an error
 
 

@@ -332,9 +332,14 @@ def describe_job(job: Job) -> dict[str, str]:
     role = "run" if job.requested else "upstream"
     progress = f"{job.epochs_done}/{job.epochs}" if job.status != "new" else f"0/{job.epochs}"
     return {"run id": job.run_id, "method": job.config.method, "dataset": job.config.dataset,
-            "rho": num_text(rho) if rho is not None else "-", "seed": str(job.config.seed),
-            "subset": str(job.config.data.get("subsample_seed", "-")), "role": role,
+            "rho": num_text(rho) if rho is not None else "-", "seed": _seed_text(job.config), "role": role,
             "wave": str(job.wave), "status": job.status, "epochs": progress}
+
+
+def _seed_text(config: RunConfig) -> str:
+    """The seed, and the CIFAR-LT subset seed when it is not the published subset's 0."""
+    subset = config.data.get("subsample_seed", 0)
+    return str(config.seed) + (f" (subset {subset})" if subset else "")
 
 
 def summarize(jobs: Iterable[Job]) -> str:

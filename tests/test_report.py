@@ -211,7 +211,8 @@ def test_latex_escaping_and_balance():
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
 def test_latex_compiles(tmp_path):
-    (tmp_path / "table.tex").write_text(render("latex", heads=True, compare="paper"))
+    # standalone: the pasteable table has no \documentclass, so pdflatex alone cannot compile it
+    (tmp_path / "table.tex").write_text(render("latex", heads=True, compare="paper", standalone=True))
     done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "table.tex"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout[-2000:]

@@ -5,6 +5,8 @@ run that records val and test at every evaluated epoch."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +101,13 @@ def test_a_run_records_val_and_test_at_every_evaluated_epoch_for_every_head(tmp_
     assert result["best"]["heads"]["main"]["top1"] == max(r["eval"]["main"]["top1"] for r in rows)
     assert set(result["final"]["val_heads"]) == {"main", "ema"} and result["eval_class_counts"]["val"] == [5] * 4
     assert result["val_split"]["images"] == 20 and json.dumps(result)  # JSON-clean
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
+@pytest.mark.parametrize("rule", ["val", "oracle"])
+def test_latex_with_intervals_paired_rows_and_the_subset_column_compiles(tmp_path, rule):
+    options = runset.ReportOptions(select=rule, baseline="erm_cnn", standalone=True)
+    (tmp_path / "table.tex").write_text(rp.report(SELECTION, "latex", options))
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "table.tex"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout[-2000:]

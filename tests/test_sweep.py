@@ -62,6 +62,8 @@ def test_subsample_seed_is_an_axis_of_its_own(tmp_path):
     assert default.run_id in plan.jobs  # subset seed 0 is the published subset: the same run as without the axis
     assert len([j for j in plan.jobs.values() if j.config.dataset == "synthetic"]) == 3  # no such option there
     assert any("subsample_seeds axis does not apply" in note for note in plan.notes)
+    assert sorted(sw.describe_job(j)["seed"] for j in plan.jobs.values() if j.config.dataset == "cifar10lt")[:2] == \
+        ["0", "0 (subset 1)"]
 
 
 def test_yaml_grid_with_method_scoped_sets_and_command_line_override(tmp_path):
