@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ltbench.config import recorded_if_set
 from ltbench.data import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -30,12 +31,19 @@ from ltbench.data import (
 from ltbench.errors import UserError
 from ltbench.portable import load as load_subset
 from ltbench.portable import subset_path
+from ltbench.splits import spare_val
 
 
 @dataclass
 class CIFARLTOptions:
     rho: float = 100.0  # imbalance ratio n_max / n_min
     subsample_seed: int = 0  # LDAM-DRW's rand_number; 0 reproduces every published CIFAR-LT number
+    # The val split (ltbench.splits.spare_val), in the run id only when set: 0 = the standard size, 100 images per
+    # class for CIFAR-10, 20 for CIFAR-100 (as ImageNet-LT's and Places-LT's official val lists)
+    val_per_class: int = recorded_if_set(0)
+    # the head class keeps all its images, so it has no spare one for val: move the missing ones out of training
+    # (changes the training subset, hence the run id)
+    val_fill_from_train: bool = recorded_if_set(False)
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -85,6 +93,7 @@ class _CIFARLT(Dataset):
     url: ClassVar[str]
     md5: ClassVar[str]
     paper_split: ClassVar[tuple[int, int]]
+    val_per_class: ClassVar[int]  # the standard val size per class
 
     @classmethod
     def profile_size(cls, options: CIFARLTOptions) -> tuple[int, int]:
@@ -106,7 +115,16 @@ class _CIFARLT(Dataset):
             )
         n_max = len(train_y) / self.num_classes
         counts = exp_profile_counts(n_max, self.num_classes, self.options.rho)
-        kept, ranks = ldam_subsample(train_y, counts, seed=self.options.subsample_seed)
+        _, ranks = ldam_subsample(train_y, counts, seed=self.options.subsample_seed)
+        per_class = self.val_size(self.options)
+        kept, val = spare_val(train_y, counts, self.options.subsample_seed, per_class, self.options.val_fill_from_train)
+        given = np.bincount(train_y[val], minlength=self.num_classes).tolist()
+        if self.options.val_fill_from_train:
+            counts = np.bincount(train_y[kept], minlength=self.num_classes).tolist()
+            if min(counts) == 0:
+                raise UserError(f"{self.name}: val_fill_from_train with {per_class} val images per class leaves a "
+                                f"class with no training image; lower data.val_per_class.")
+            ranks = [r[:n] for r, n in zip(ranks, counts)]
         info = DatasetInfo(
             name=self.name,
             num_classes=self.num_classes,
@@ -116,9 +134,34 @@ class _CIFARLT(Dataset):
             std=CIFAR_STD,
             class_names=self._class_names(folder),
             paper_split=self.paper_split,
-            extras={"kept_ranks": ranks},
+            extras={"kept_ranks": ranks, "val_source": self._val_source(per_class, given)},
         )
-        return LTData(info, InMemorySplit(train_x[kept], train_y[kept]), InMemorySplit(test_x, test_y), kept)
+        return LTData(info, InMemorySplit(train_x[kept], train_y[kept]), InMemorySplit(test_x, test_y), kept,
+                      val=InMemorySplit(train_x[val], train_y[val]), val_indices=val)
+
+    @classmethod
+    def val_size(cls, options: CIFARLTOptions) -> int:
+        return options.val_per_class or cls.val_per_class
+
+    def _val_source(self, per_class: int, given: list[int]) -> str:
+        short = {c: n for c, n in enumerate(given) if n < per_class}
+        text = (f"{per_class} images per class of the CIFAR training set that the LT subset leaves unused (the next "
+                f"ones of LDAM-DRW's shuffle after the kept ones)")
+        if self.options.val_fill_from_train:
+            return text + "; classes without enough unused images gave their last kept ones (val_fill_from_train)"
+        if not short:
+            return text
+        listed = ", ".join(f"class {c}: {n}" for c, n in short.items())
+        return (text + f"; classes that keep (almost) all their images have fewer ({listed}): the val top-1 leaves "
+                f"them out or under-weights them (set data.val_fill_from_train=true to move some out of training)")
+
+    @classmethod
+    def validate_options(cls, options: CIFARLTOptions) -> None:
+        super().validate_options(options)
+        per_class = cls.train_images // cls.num_classes
+        if not 0 <= options.val_per_class < per_class:
+            raise UserError(f"{cls.name}: val_per_class must be in [0, {per_class}) (0 = the standard "
+                            f"{cls.val_per_class}), got {options.val_per_class}.")
 
     @classmethod
     def train_counts(cls, options: CIFARLTOptions) -> list[int]:
@@ -224,6 +267,7 @@ class CIFAR10LT(_CIFARLT):
     url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     md5 = "c58f30108f718f92721af3b95e74349a"
     paper_split = (3, 7)
+    val_per_class = 100
 
 
 class CIFAR100LT(_CIFARLT):
@@ -239,3 +283,4 @@ class CIFAR100LT(_CIFARLT):
     url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
     md5 = "eb9058c3a382ffc7106e4002c42a8d85"
     paper_split = (36, 71)
+    val_per_class = 20

@@ -19,13 +19,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ltbench.config import recorded_if_set
 from ltbench.data import IMAGENET_MEAN, IMAGENET_STD, Dataset, DatasetInfo, FileListSplit, LTData, frequency_order
 from ltbench.errors import UserError
-from ltbench.image_cache import build_resized_cache, write_atomic
+from ltbench.image_cache import CACHE_FOLDER, build_resized_cache, write_atomic
+from ltbench.splits import CARVE_SHARE, carve_val
 
 INAT_MEAN = (0.466, 0.471, 0.380)
 INAT_STD = (0.195, 0.194, 0.192)
-CACHE_FOLDER = ".ltbench-cache"
 LINE_FORMAT = "`<relative path> <integer label>`"
 
 
@@ -52,6 +53,10 @@ class ListFile:
     num_lines: int
     problems: list[tuple[int, str]] = field(default_factory=list)  # (line number, message)
     line_numbers: np.ndarray | None = None  # line of each entry, when malformed lines were skipped
+
+    def subset(self, indices: np.ndarray) -> ListFile:
+        """The entries at ``indices`` (a carved split), still naming the list they come from."""
+        return ListFile(self.path, [self.paths[i] for i in indices], self.labels[indices], self.sha256, self.num_lines)
 
     def where(self, index: int) -> str:
         """``file:line`` of the index-th parsed entry."""
@@ -164,6 +169,8 @@ class FileListOptions:
 @dataclass
 class INatOptions(FileListOptions):
     eval_split: str = "val"  # iNat-2018 has no labelled test set; LT papers report on val
+    # >0: a val split carved from the training list (ltbench.splits.carve_val), changing training and the run id
+    carve_val_per_class: int = recorded_if_set(0)
 
 
 class FileListLT(Dataset):
@@ -233,17 +240,21 @@ class FileListLT(Dataset):
         self.prepare_lists(folder)
         train = read_list(self.list_path(folder, "train"))
         test = read_list(self.list_path(folder, opt.eval_split))
+        train, val, val_source = self.val_split(folder, train)
         counts = self.list_counts(train)
         self.check_labels(test, len(counts), f"the classes of the train list {train.path}")
         names = class_names_from_paths(train.paths, train.labels, len(counts))
         extras: dict[str, Any] = {"lists": {"train": str(train.path), opt.eval_split: str(test.path)},
-                                  "list_sha256": {"train": train.sha256, opt.eval_split: test.sha256}}
+                                  "list_sha256": {"train": train.sha256, opt.eval_split: test.sha256},
+                                  "val_source": val_source, "test_source": f"the list {test.path.name}"}
+        val_labels = val.labels if val is not None else None
         train_labels, test_labels, paper_split = train.labels, test.labels, None
         if opt.sort_by_frequency:
             order = frequency_order(counts)
             label_map = np.empty(len(counts), dtype=np.int64)
             label_map[order] = np.arange(len(counts))
             train_labels, test_labels = label_map[train_labels], label_map[test_labels]
+            val_labels = label_map[val_labels] if val is not None else None
             counts, names = counts[order], tuple(names[i] for i in order)
             extras["label_map"] = label_map.tolist()  # original label -> frequency rank (DeiT-LT's --map-targets)
             if len(counts) == self.num_classes:  # DeiT-LT's index ranges: the full, sorted label space only
@@ -251,13 +262,26 @@ class FileListLT(Dataset):
         root = folder
         if opt.cache_resized:
             root = self.cache_folder(opt.cache_resized)
-            for listing in (train, test):
+            for listing in (train, test, *([val] if val is not None else [])):
                 build_resized_cache(folder, root, listing, opt.cache_resized)
         info = DatasetInfo(name=self.name, num_classes=len(counts), train_counts=tuple(counts.tolist()),
                            image_size=self.image_size, mean=self.mean, std=self.std, class_names=names,
                            paper_split=paper_split, extras=extras, variable_size=True)
         return LTData(info, FileListSplit(root, train.paths, train_labels),
-                      FileListSplit(root, test.paths, test_labels))
+                      FileListSplit(root, test.paths, test_labels),
+                      val=FileListSplit(root, val.paths, val_labels) if val is not None else None)
+
+    def val_split(self, folder: Path, train: ListFile) -> tuple[ListFile, ListFile | None, str]:
+        """(the training list, the val list or None, how val was made): the official val list, unless it is the
+        split evaluated as test or absent."""
+        spec = self.splits.get("val")
+        if spec is None or self.options.eval_split == "val":
+            return train, None, "none: the val list is the split reported as test"
+        if not (folder / spec.file).is_file():
+            return train, None, f"none: {folder / spec.file} was not found"
+        val = read_list(folder / spec.file)
+        self.check_labels(val, int(train.labels.max()) + 1, f"the classes of the train list {train.path}")
+        return train, val, f"the official val list {spec.file}, disjoint from train and test"
 
     @classmethod
     def check_labels(cls, listing: ListFile, num_classes: int, what: str) -> None:
@@ -330,6 +354,17 @@ class INat2018(FileListLT):
     @classmethod
     def has_train_list(cls, folder: Path) -> bool:
         return super().has_train_list(folder) or (folder / cls.json_files["train"]).is_file()
+
+    def val_split(self, folder: Path, train: ListFile) -> tuple[ListFile, ListFile | None, str]:
+        """iNat's only val list is the one LT papers report as test: a val for selection is carved from train."""
+        per_class = self.options.carve_val_per_class
+        if not per_class:
+            return train, None, ("none: iNat-2018's val list is its reported test split; set "
+                                 "data.carve_val_per_class=N to carve a val split from the training list")
+        keep, held = carve_val(train.labels, per_class)
+        source = (f"carved from {train.path.name}: min({per_class}, n_c // {CARVE_SHARE}) images per class (seed 0) "
+                  f"left training; classes with fewer than {CARVE_SHARE} training images have no val image")
+        return train.subset(keep), train.subset(held), source
 
     @classmethod
     def prepare_lists(cls, folder: Path) -> list[str]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ltbench.config import recorded_if_set
 from ltbench.data import Dataset, DatasetInfo, InMemorySplit, LTData, exp_profile_counts
 from ltbench.errors import UserError
 
@@ -24,6 +25,7 @@ class SyntheticOptions:
     image_size: int = 32
     noise: float = 0.6  # pixel noise relative to the template contrast
     data_seed: int = 0
+    n_val: int = recorded_if_set(20)  # val images per class (balanced), drawn after the test images
 
 
 class SyntheticLT(Dataset):
@@ -46,7 +48,7 @@ class SyntheticLT(Dataset):
     def validate_options(cls, options: SyntheticOptions) -> None:
         """The sizes first: rho's check computes the class counts from them."""
         sizes = {"num_classes": (options.num_classes, 2), "n_max": (options.n_max, 1),
-                 "n_test": (options.n_test, 1), "image_size": (options.image_size, 8)}
+                 "n_test": (options.n_test, 1), "n_val": (options.n_val, 0), "image_size": (options.image_size, 8)}
         for key, (value, low) in sizes.items():
             if value < low:
                 raise UserError(f"The synthetic dataset option {key} must be >= {low}, got {value} "
@@ -62,6 +64,8 @@ class SyntheticLT(Dataset):
         test_y = np.repeat(np.arange(opt.num_classes), opt.n_test)
         train_x = _render(rng, templates, train_y, opt.noise)
         test_x = _render(rng, templates, test_y, opt.noise)
+        val_y = np.repeat(np.arange(opt.num_classes), opt.n_val)  # after test: train and test stay as they were
+        val_x = _render(rng, templates, val_y, opt.noise)
         head_end = max(1, round(opt.num_classes * 0.3))
         mid_end = max(head_end + 1, round(opt.num_classes * 0.7))
         info = DatasetInfo(
@@ -73,8 +77,10 @@ class SyntheticLT(Dataset):
             std=(0.25, 0.25, 0.25),
             class_names=tuple(f"class_{i}" for i in range(opt.num_classes)),
             paper_split=(head_end, min(mid_end, opt.num_classes)),
+            extras={"val_source": f"{opt.n_val} generated images per class, drawn after the test images"},
         )
-        return LTData(info, InMemorySplit(train_x, train_y), InMemorySplit(test_x, test_y))
+        return LTData(info, InMemorySplit(train_x, train_y), InMemorySplit(test_x, test_y),
+                      val=InMemorySplit(val_x, val_y) if opt.n_val else None)
 
 
 def _templates(rng: np.random.RandomState, num_classes: int, size: int) -> np.ndarray:

@@ -6,7 +6,7 @@ mixing (Mixup/CutMix) happens in a method's ``prepare`` on the training device.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -340,3 +340,18 @@ def paco_imagenet_views(info: DatasetInfo, img_size: int = 224, rand_augment: st
                        T.ToTensor(), normalize(info)])
     key = simclr_view(info, img_size, crop_scale=(0.08, 1.0), hue=0.0, jitter_prob=1.0, flip_first=False)
     return TwoViews(query, key)
+
+
+def group_steps(loader: Iterable, sizes: list[int]) -> Iterator[list]:
+    """Micro-batches grouped into optimizer steps of the given sizes."""
+    items = iter(loader)
+    for size in sizes:
+        yield [next(items) for _ in range(size)]
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from ltbench import stages
+from ltbench.augment import group_steps, to_device
 from ltbench.config import RunConfig
-from ltbench.engine import Trainer, group_steps, to_device
+from ltbench.engine import Trainer
 from ltbench.errors import UserError
 from ltbench.method import Upstream
 from ltbench.records import RunRecord, atomic_write_json, find_run, run_record

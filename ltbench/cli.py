@@ -17,10 +17,11 @@ from ltbench import runset
 from ltbench.bench import bench, bench_pipeline, format_report
 from ltbench.cli_data import data
 from ltbench.cli_options import COMMON_RUN_OPTIONS, LOG_OPTION, LTGroup, make_runtime, runtime_options
-from ltbench.cli_runs import reproduce, sweep
+from ltbench.cli_runs import reproduce, sweep, tune
 from ltbench.console import console, doc_summary, err_console, print_listing, print_result, say
+from ltbench.errors import UserError
 from ltbench.plots import write_plots
-from ltbench.posthoc import check_taus, posthoc_adjust
+from ltbench.posthoc import auto_adjust, check_taus, posthoc_adjust
 from ltbench.records import find_run, posthoc_label, run_record, tau_key
 from ltbench.reevaluate import reevaluate
 from ltbench.registry import DATASETS, EVALUATORS, METHODS
@@ -98,18 +99,26 @@ for _opt in reversed(COMMON_RUN_OPTIONS):
 @click.argument("run_ref")
 @click.option("--heads", is_flag=True, help="Show every head (CLS / DIST / average) under both splits.")
 @click.option("--recompute", is_flag=True, help="Re-evaluate the latest checkpoint instead of reading result.json.")
-@click.option("--adjust", "taus", type=float, multiple=True, metavar="TAU",
+@click.option("--adjust", "taus", multiple=True, metavar="TAU|auto",
               help="Also post-hoc logit adjustment: argmax of z - TAU*log(prior) on the final logits (saved, or "
-                   "recomputed and saved); a separate result in posthoc_la.json. Repeatable.")
+                   "recomputed and saved); a separate result in posthoc_la.json. Repeatable. auto: TAU chosen on the "
+                   "val split (0 to 2 by 0.25), test evaluated at it.")
 @runtime_options
 def eval_(run_ref, heads, recompute, taus, **rt) -> None:
     """Show or re-evaluate a finished or partial run (RUN is a run id, prefix or folder)."""
 
     runtime = make_runtime(**rt)
+    auto = "auto" in taus
+    taus = [_tau(t) for t in taus if t != "auto"]
     check_taus(taus)  # before the table, not after it
     record = find_run(runtime.results, run_ref)
     result = reevaluate(record, runtime) if recompute or not record.done else record.result()
     print_result(result, all_heads=heads)
+    if auto:
+        chosen = auto_adjust(record, runtime)["auto"]
+        say(f"τ chosen on val: {chosen['tau']} (val top-1 by τ: "
+            f"{', '.join(f'{k}: {v:.2f}' for k, v in chosen['val_top1'].items())})")
+        taus.append(float(chosen["tau"]))
     if taus:
         adjusted = posthoc_adjust(record, runtime, taus)["taus"]
         for tau in taus:
@@ -121,6 +130,13 @@ def eval_(run_ref, heads, recompute, taus, **rt) -> None:
 
 
 
+def _tau(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise UserError(f"--adjust takes a number (tau) or auto, not {text!r}.") from exc
+
+
 @main.command()
 @click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
               help="Results folder holding runs/<run_id>/.")
@@ -130,8 +146,14 @@ def eval_(run_ref, heads, recompute, taus, **rt) -> None:
               help="many/medium/few by training counts (>100 / 20-100 / <20) or DeiT-LT's class-index ranges.")
 @click.option("--metric", "metrics", multiple=True, metavar="top1|many|medium|few|ece",
               help="Metric column(s), repeatable or comma-separated (default: top1, many, medium, few).")
-@click.option("--select", type=click.Choice(["final", "best"]), default="final", show_default=True,
-              help="Numbers of the final epoch, or of each run's best test epoch (optimistic).")
+@click.option("--select", default="final", show_default=True, metavar="final|val|oracle",
+              help="Epoch selection rule: the final epoch; the epoch with the best val top-1 (test reported there); "
+                   "or oracle, each run's best test epoch (selects on test: optimistic, labelled, shown beside final).")
+@click.option("--baseline", default=None, metavar="METHOD",
+              help="Add to every other row its paired difference with this row (a method or row label): mean over "
+                   "common seeds, 95 % bootstrap interval, P(better); n.s. when the interval contains 0.")
+@click.option("--ci/--no-ci", default=True, show_default=True,
+              help="95 % bootstrap intervals in every cell (over seeds and test images, stratified by class).")
 @click.option("--spread", type=click.Choice(["std", "se"]), default="std", show_default=True,
               help="Standard deviation or standard error over seeds.")
 @click.option("--heads", is_flag=True, help="One row per head (main / CLS / DIST) for multi-head methods.")
@@ -140,23 +162,27 @@ def eval_(run_ref, heads, recompute, taus, **rt) -> None:
 @click.option("--method", "methods", multiple=True, help="Only these methods (repeatable).")
 @click.option("--dataset", "datasets", multiple=True, help="Only these datasets (repeatable).")
 @click.option("--compare", type=click.Choice(["paper"]), default=None,
-              help="Add the published numbers (ltbench/reference/paper_numbers.csv) and the difference.")
-@click.option("--adjust", type=float, default=None, metavar="TAU",
-              help="Also rows of post-hoc logit adjustment at TAU (from `ltbench eval RUN --adjust TAU`).")
+              help="Add the published numbers (ltbench/reference/paper_numbers.csv) and the difference; a paper's "
+                   "best-epoch number is compared with ltbench's oracle, and the table says so.")
+@click.option("--adjust", default=None, metavar="TAU|auto",
+              help="Also rows of post-hoc logit adjustment at TAU, or at each run's τ chosen on val (auto), from "
+                   "`ltbench eval RUN --adjust TAU|auto`.")
 @click.option("--digits", type=click.IntRange(min=0, max=10), default=2, show_default=True)
 @click.option("--standalone", is_flag=True,
               help="LaTeX: a document that compiles on its own instead of a booktabs table to paste.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to FILE.")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write per-class and CLS-vs-DIST figures (PNG and PDF) into DIR.")
-def report(results, fmt, split, metrics, select, spread, heads, by, methods, datasets, compare, adjust, digits, out,
-           plots_dir, standalone) -> None:
+def report(results, fmt, split, metrics, select, baseline, ci, spread, heads, by, methods, datasets, compare, adjust,
+           digits, out, plots_dir, standalone) -> None:
     """Tables of many/medium/few accuracy over seeds from the run folders (reads nothing else)."""
 
     metric_list = tuple(m.strip() for item in metrics for m in item.split(",") if m.strip()) or runset.DEFAULT_METRICS
     options = runset.ReportOptions(select=select, split=split, metrics=metric_list, heads=heads, by=tuple(by),
                                spread=spread, digits=digits, compare=compare, methods=tuple(methods),
-                               datasets=tuple(datasets), standalone=standalone, adjust=adjust)
+                               datasets=tuple(datasets), standalone=standalone, ci=ci,
+                               adjust=adjust if adjust in (None, "auto") else _tau(adjust),
+                               baseline=baseline)
     text = rp.report(results.resolve(), fmt, options)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,4 +222,5 @@ def list_(what: str) -> None:
 
 main.add_command(sweep)
 main.add_command(reproduce)
+main.add_command(tune)
 main.add_command(data)

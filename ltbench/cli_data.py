@@ -52,6 +52,9 @@ def export(dataset, rho, sets, data_root, out) -> None:
 
     cls = DATASETS.get(dataset)
     options = dataset_options(cls, rho, cfgmod.parse_set_options([s.removeprefix("data.") for s in sets])[0])
+    if {k for k in cfgmod.hparams_dict(options)} - {"rho", "subsample_seed"}:
+        raise UserError("A portable subset is named by dataset, rho and subsample_seed only, so it holds the standard "
+                        "val split: export it without other data options (val_per_class, val_fill_from_train).")
     data = cls(options, (data_root or default_data_root()).resolve()).load()
     path = portable.subset_path(out.resolve(), dataset, options.rho, getattr(options, "subsample_seed", 0))
     console.print(f"wrote {portable.export(data, path)}", highlight=False)

@@ -1,4 +1,5 @@
-"""``ltbench sweep`` and ``ltbench reproduce``: grids of runs on Ray Tune, and reproduction suites with verdicts."""
+"""``ltbench sweep``, ``ltbench reproduce`` and ``ltbench tune``: grids of runs on Ray Tune, reproduction suites with
+verdicts, and hyperparameter searches on val."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ltbench import console, verdict_files
+from ltbench import console, runset, verdict_files
+from ltbench import report as rp
 from ltbench import reproduce as rpd
 from ltbench import sweep as sw
+from ltbench import tuning as tn
 from ltbench.cli_options import COMMON_RUN_OPTIONS, LOG_OPTION, make_runtime, runtime_options
 from ltbench.console import (
     LiveView,
@@ -33,6 +36,8 @@ from ltbench.launcher import Resources, run_sweep
 @click.option("--datasets", default=None, help="Comma-separated dataset names.")
 @click.option("--rho", default=None, help="Comma-separated imbalance ratios (default: each dataset's own).")
 @click.option("--seeds", default=None, help="Comma-separated seeds or ranges, e.g. 0,1,2 or 0-4 (default 0).")
+@click.option("--subsample-seeds", default=None,
+              help="CIFAR-LT subset seeds (data.subsample_seed) as an axis of their own, e.g. 0,1 (default: 0 only).")
 @click.option("--save-logits", is_flag=True, help="Also save each run's final test logits.")
 @click.option("--stop-after-epochs", type=click.IntRange(min=1), default=None,
               help="Stop every run after N epochs, resumable.")
@@ -48,19 +53,19 @@ from ltbench.launcher import Resources, run_sweep
 @click.option("--dry-run", is_flag=True, help="Print the grid and what is already done; train nothing.")
 @LOG_OPTION
 @runtime_options
-def sweep(grid_file, methods, datasets, rho, seeds, preset, epochs, sets, save_logits, stop_after_epochs,
-          gpus_per_trial, cpus_per_trial, address, max_failures, dry_run, **rt) -> None:
+def sweep(grid_file, methods, datasets, rho, seeds, subsample_seeds, preset, epochs, sets, save_logits,
+          stop_after_epochs, gpus_per_trial, cpus_per_trial, address, max_failures, dry_run, **rt) -> None:
     """Run a grid of methods x datasets x rho x seeds on Ray Tune; only what is not done yet is trained.
 
-    The grid comes from the options or from GRID_FILE (YAML with keys methods, datasets, rho, seeds, preset,
-    epochs, set); options given on the command line override the file's. Every run is an ordinary
-    `ltbench run`: finished runs are skipped, interrupted ones resume, teachers train once before students.
+    The grid comes from the options or from GRID_FILE (YAML with keys methods, datasets, rho, seeds,
+    subsample_seeds, preset, epochs, set); options given on the command line override the file's. Every run is an
+    ordinary `ltbench run`: finished runs are skipped, interrupted ones resume, teachers train once before students.
     `--set METHOD:KEY=VALUE` applies to one method of the grid only.
     """
 
     file_values = sw.load_grid_file(grid_file) if grid_file else None
     grid = sw.build_grid(file_values, methods=methods, datasets=datasets, rho=rho, seeds=seeds, preset=preset,
-                         epochs=epochs, sets=sets)
+                         epochs=epochs, sets=sets, subsample_seeds=subsample_seeds)
     runtime = make_runtime(**rt, save_logits=save_logits, stop_after_epochs=stop_after_epochs)
     plan = sw.plan_sweep(grid, runtime.results)
     upstream = sum(not j.requested for j in plan.jobs.values())
@@ -180,3 +185,57 @@ def _sweep_epilogue(outcome) -> None:
 
 
 
+
+
+@click.command()
+@click.option("--method", required=True, help="Method name (see `ltbench list methods`).")
+@click.option("--dataset", required=True, help="Dataset name (its val split is the objective's).")
+@click.option("--rho", type=float, default=None, help="Imbalance ratio n_max/n_min (>= 1).")
+@click.option("--space", "space", multiple=True, metavar="NAME=KIND(ARGS)",
+              help="A searched hyperparameter, repeatable: lr=loguniform(1e-3,1e-1), tau=uniform(0.5,2), "
+                   "batch_size=choice(64,128), warmup_epochs=randint(0,5).")
+@click.option("--space-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="YAML mapping NAME: KIND(ARGS) (or NAME: [choices]); --space items are added to it.")
+@click.option("--objective", default="val_top1", show_default=True, metavar="val_top1|val_many|val_medium|val_few",
+              help="The val metric maximised (main head, counts groups); a test objective is refused.")
+@click.option("--searcher", type=click.Choice(["random", "optuna", "hyperopt"]), default="random", show_default=True,
+              help="Random search, or a model-based searcher through Ray Tune's integration.")
+@click.option("--scheduler", type=click.Choice(["asha", "fifo"]), default="asha", show_default=True,
+              help="ASHA stops weak trials early (they stay resumable partial runs); fifo runs every trial out.")
+@click.option("--trials", type=click.IntRange(min=1), default=8, show_default=True, help="Samples to try.")
+@click.option("--final-seeds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Seeds the best configuration is retrained on and reported with (never the search seed).")
+@click.option("--search-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Training seed of every search trial, also the searcher's seed.")
+@click.option("--concurrent", type=click.IntRange(min=1), default=None, help="Trials at once (default: CPUs).")
+@click.option("--reduction-factor", type=click.IntRange(min=2), default=2, show_default=True,
+              help="ASHA keeps the best 1/N of the trials at each evaluation rung.")
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=0, show_default=True)
+@runtime_options
+def tune(method, dataset, rho, space, space_file, objective, searcher, scheduler, trials, final_seeds, search_seed,
+         concurrent, reduction_factor, cpus_per_trial, gpus_per_trial, preset, epochs, sets, **rt) -> None:
+    """Search a method's hyperparameters on val with Ray Tune, retrain the best on fresh seeds, report on test.
+
+    The objective never reads the test split. The search's trials are listed apart by `ltbench report`.
+    """
+
+    file_values = tn.load_space_file(space_file) if space_file else None
+    spec = tn.TuneSpec(method=method, dataset=dataset, rho=rho, space=tuple(tn.parse_space(space, file_values)),
+                       objective=objective, searcher=searcher, scheduler=scheduler, trials=trials,
+                       final_seeds=final_seeds, search_seed=search_seed, preset=preset, epochs=epochs,
+                       sets=tuple(sets), concurrent=concurrent, reduction_factor=reduction_factor)
+    tn.check_spec(spec)
+    runtime = make_runtime(**rt)
+    say(f"tune {spec.tune_id}: {trials} trial(s) of {method} on {dataset} ({searcher}, {scheduler}), objective "
+        f"{objective} on val; then {final_seeds} fresh seed(s) on test")
+    outcome = tn.run_tune(spec, runtime, Resources(cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial))
+    console.print_tune(outcome.trials, outcome.best, spec.objective)
+    say(f"best on val retrained on seeds {spec.final_seed_list()}: runs {', '.join(outcome.final_runs)}; "
+        f"manifest {outcome.manifest}")
+    click.echo(rp.report(runtime.results, "markdown", runset.ReportOptions(methods=(method,), datasets=(dataset,))),
+               nl=False)
+
+
+for _opt in reversed(COMMON_RUN_OPTIONS[1:]):  # --preset, --epochs, --set; the seeds are --search-seed/--final-seeds
+    tune = _opt(tune)

@@ -25,14 +25,18 @@ from ltbench.runtime import RUNTIME_OPTIONS
 
 SCHEMA_VERSION = 1
 
-def engine_hook(default: Any) -> Any:
-    """A :class:`TrainHparams` field that enters config.json only when it differs from its default."""
+def recorded_if_set(default: Any) -> Any:
+    """A field added after schema 1 (an engine hook, a dataset's val option): it enters config.json and the run id
+    only when it differs from its default, so the runs made before it keep their ids."""
     return field(default=default, metadata={"recorded_if_set": True})
 
 
+engine_hook = recorded_if_set  # a TrainHparams hook
+
+
 def hparams_dict(hp: Any) -> dict[str, Any]:
-    """The JSON form of typed hyperparameters as config.json records and the run id hashes them: every field,
-    except engine hooks (:func:`engine_hook`) left at their defaults."""
+    """The JSON form of typed hyperparameters or dataset options as config.json records and the run id hashes
+    them: every field, except those declared with :func:`recorded_if_set` left at their defaults."""
     payload = to_jsonable(hp)
     for f in dataclasses.fields(hp):
         if f.metadata.get("recorded_if_set") and getattr(hp, f.name) == f.default:
@@ -315,6 +319,21 @@ def parse_set_options(items: Iterable[str]) -> tuple[dict[str, str], dict[str, s
         else:
             hparams[key] = value
     return hparams, data
+
+
+def read_yaml_mapping(path: Any, what: str, expected: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a search space); ``expected`` says what it maps. Read by
+    :func:`ltbench.schemas.load_yaml`, which refuses alias bombs and oversized files."""
+    from pathlib import Path
+
+    from ltbench.schemas import load_yaml
+
+    payload = load_yaml(Path(path), what)
+    if payload is None:
+        return {}
+    if not isinstance(payload, Mapping):
+        raise UserError(f"The {what} {path} must be a mapping: {expected}.")
+    return dict(payload)
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -5,6 +5,7 @@ Library modules return data; this module draws it. Status lines go to stderr (:f
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -22,8 +23,10 @@ from rich.text import Text
 
 from ltbench import projection
 from ltbench import reproduce as rpd
+from ltbench.compare import params_text
 from ltbench.launcher import SweepObserver
 from ltbench.records import run_state
+from ltbench.selection import RULE_TEXT, RULES, rule_block
 from ltbench.sweep import Job, SweepPlan, describe_job, num_text
 
 console = Console()
@@ -282,13 +285,13 @@ def _fmt(value: Any) -> str:
 
 
 def print_result(result: dict[str, Any], all_heads: bool = False) -> None:
-    """A many/medium/few table of the final and best epochs (main head, or every head)."""
+    """A many/medium/few table on test at the epochs the three selection rules pick (main head, or every head)."""
     table = Table(title=f"{result['method']} on {result['dataset']} {result['config']['data']} "
                         f"seed {result['config']['seed']} (run {result['run_id']})")
     for col in ("epoch", "head", "split", "top-1", "many", "medium", "few", "ECE"):
         table.add_column(col, justify="right" if col not in ("head", "split", "epoch") else "left")
-    for label in ("final", "best"):
-        block = result.get(label)
+    for rule in RULES:
+        block, label = rule_block(result, rule), rule
         if not block:
             continue
         head_names = list(block["heads"]) if all_heads else ["main"]
@@ -302,5 +305,18 @@ def print_result(result: dict[str, Any], all_heads: bool = False) -> None:
                               _fmt(groups["medium"]), _fmt(groups["few"]), _fmt(m["ece"]))
     console.print(table)
     console.print("counts split: many > 100, medium 20..100, few < 20 training images; paper split: DeiT-LT's "
-                  "class-index ranges. n/a = no class in that group. best = best test epoch (optimistic).",
+                  "class-index ranges. n/a = no class in that group. " + "; ".join(RULE_TEXT.values()) + ".",
                   highlight=False, style="dim")
+
+
+def print_tune(trials: list[dict[str, Any]], best: dict[str, Any] | None, objective: str) -> None:
+    """The search's trials, best first: their val objective, how far they went (ASHA stops some early)."""
+    table = Table(title=f"search trials ({objective} on val; the test split is never read)")
+    for col in ("run", "hyperparameters", objective, "evaluations", "status"):
+        table.add_column(col, justify="right" if col in (objective, "evaluations") else "left")
+    ordered = sorted(trials, key=lambda t: -(t["objective"] if t["objective"] is not None else -math.inf))
+    for trial in ordered:
+        mark = " *" if best is not None and trial["run_id"] == best["run_id"] else ""
+        table.add_row(trial["run_id"] + mark, params_text(trial["params"]), _fmt(trial["objective"]),
+                      str(len(trial["history"])), trial["status"])
+    console.print(table)

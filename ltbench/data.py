@@ -1,6 +1,6 @@
 """What every dataset plugin returns, and the long-tail arithmetic shared by all of them.
 
-A dataset yields a :class:`DatasetInfo` plus a train and a test split. A split is either
+A dataset yields a :class:`DatasetInfo` plus a train, a test and (for model selection) a val split. A split is either
 in memory (uint8 images, CIFAR and ``synthetic``) or a list of image files (ImageNet-LT, iNat,
 Places-LT); the input pipeline in :mod:`ltbench.augment` knows how to feed both.
 """
@@ -75,6 +75,10 @@ class LTData:
     train: Split
     test: Split
     train_indices: np.ndarray | None = None  # indices into the original balanced train set, when subsampled
+    # The split for model selection, disjoint from train and test (ltbench.splits); None when the dataset has none,
+    # and info.extras["val_source"] says how it was made or why there is none.
+    val: Split | None = None
+    val_indices: np.ndarray | None = None  # indices into the original balanced train set (CIFAR-LT)
 
 
 @dataclass

@@ -14,15 +14,15 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from ltbench import augment, distributed
+from ltbench.augment import group_steps, to_device
 from ltbench.config import RunConfig, TrainHparams, eval_interval, update_offsets
-from ltbench.data import InMemorySplit, LTData
+from ltbench.data import InMemorySplit, LTData, Split
 from ltbench.errors import UserError
 from ltbench.evaluate import Evaluator, predict_split
 from ltbench.gpu_augment import AugRecipe, DeviceBatches
@@ -33,6 +33,7 @@ from ltbench.records import EPOCH_NUMBERING, RunRecord, atomic_write_json
 from ltbench.runtime import COMPILE_MODES, Runtime
 from ltbench.sam import SAM
 from ltbench.seeding import seed_everything, seed_hash
+from ltbench.selection import pick_oracle, pick_val, selection_fields, summary
 
 
 def autocast_dtype(device: torch.device, precision: str = "bf16") -> torch.dtype | None:
@@ -83,7 +84,7 @@ class Trainer:
         self.ema = self._build_ema()  # before compiling: the EMA copy must not share the compiled forward
         if runtime.compile:
             self.method.compile(**({} if runtime.compile_mode == "default" else {"mode": runtime.compile_mode}))
-        self.start_epoch, self.best, self.train_time, self.train_images = 0, None, 0.0, 0
+        self.start_epoch, self.best, self.best_val, self.train_time, self.train_images = 0, None, None, 0.0, 0
         self.device_inputs = self._device_inputs()
         self.eval_every = eval_interval(hp, self.steps_per_epoch * hp.batch_size, len(data.test))
 
@@ -188,6 +189,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
                                                               *np_state[2:]], "python": list(random.getstate()[1])},
             "best": self.best,
+            "best_val": self.best_val,
             "train_time": self.train_time,
             "train_images": self.train_images,
         }
@@ -203,6 +205,7 @@ class Trainer:
             if self.scaler and ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
             self.start_epoch, self.best = ckpt["epoch"], ckpt["best"]
+            self.best_val = ckpt.get("best_val")  # checkpoints made before val splits have none
             self.train_time, self.train_images = ckpt["train_time"], ckpt["train_images"]
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # missing entries, tensor shape mismatch
             reason = " ".join(str(exc).split())[:400] or type(exc).__name__  # torch's first line names no tensor
@@ -230,9 +233,10 @@ class Trainer:
                 self._refuse_divergence(row)
                 last = epoch + 1 == self.hp.epochs
                 if self.evaluates_after(epoch):
-                    metrics = self.evaluate(eval_loader, epoch, keep_logits=last and self.runtime.save_logits)
-                    row["eval"] = _summary(metrics)
-                    final = metrics if last else None  # the last epoch's evaluation is the final one: run once
+                    metrics, val = self.evaluate(eval_loader, epoch, keep_logits=last and self.runtime.save_logits)
+                    row["eval"] = summary(metrics)
+                    row.update({"val": summary(val)} if val is not None else {})
+                    final = (metrics, val) if last else None  # the last epoch's evaluation is the final one: once
                 rows.append(row)
                 if self.dist.is_main:
                     self.record.write_metrics(rows)
@@ -344,15 +348,22 @@ class Trainer:
 
     # --- evaluation and results ----------------------------------------------------------------
     def evaluates_after(self, epoch: int) -> bool:
-        """Whether the test split is evaluated after this 0-based epoch: every ``eval_every`` and the last."""
+        """Whether test and val are evaluated after this 0-based epoch: every ``eval_every`` and the last."""
         return (epoch + 1) % self.eval_every == 0 or epoch + 1 == self.hp.epochs
 
-    def evaluate(self, loader, epoch: int, keep_logits: bool = False) -> dict[str, Any]:
-        """Full metrics of the current weights; the best epoch so far is updated."""
-        metrics = self._evaluate_full(loader, keep_logits=keep_logits)
-        if self.best is None or metrics["heads"]["main"]["top1"] > self.best["heads"]["main"]["top1"]:
-            self.best = {"epoch": epoch + 1, **{k: v for k, v in metrics.items() if not k.startswith("_")}}
-        return metrics
+    def evaluate(self, loader, epoch: int, keep_logits: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Full metrics of the current weights on test and on val (None without a val split); the oracle and val
+        selections so far are updated (ltbench.selection)."""
+        metrics, val = self._evaluate_full(loader, keep_logits=keep_logits), self.evaluate_val()
+        self.best = pick_oracle(self.best, epoch + 1, metrics)
+        self.best_val = pick_val(self.best_val, epoch + 1, metrics, val)
+        return metrics, val
+
+    def evaluate_val(self) -> dict[str, Any] | None:
+        """Full metrics of the current weights on the val split, or None when the dataset has none."""
+        if self.data.val is None or not len(self.data.val):
+            return None
+        return self._evaluate_full(self._eval_loader(self.data.val))
 
     def predict(self, loader, predict_fn=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Logits of every head (of ``predict_fn``, default the method's) over a loader, in evaluation precision."""
@@ -378,9 +389,11 @@ class Trainer:
             metrics["_logits"], metrics["_labels"] = logits, labels
         return metrics
 
-    def finish(self, eval_loader, rows: list[dict[str, Any]], final: dict[str, Any] | None = None) -> dict[str, Any]:
-        if final is None:  # resumed after the last epoch's checkpoint: evaluate the saved final weights
-            final = self._evaluate_full(eval_loader, keep_logits=self.runtime.save_logits)
+    def finish(self, eval_loader, rows: list[dict[str, Any]],
+               evaluated: tuple[dict[str, Any], dict[str, Any] | None] | None = None) -> dict[str, Any]:
+        if evaluated is None:  # resumed after the last epoch's checkpoint: evaluate the saved final weights
+            evaluated = self._evaluate_full(eval_loader, keep_logits=self.runtime.save_logits), self.evaluate_val()
+        final, final_val = evaluated
         if not self.dist.is_main:
             return {"rank": self.dist.rank}
         if self.runtime.save_logits:
@@ -393,12 +406,9 @@ class Trainer:
             "method": self.config.method,
             "dataset": self.config.dataset,
             "class_counts": list(self.data.info.train_counts),
-            "final": {"epoch": self.hp.epochs, **final},
+            **selection_fields(self.hp.epochs, final, final_val, self.best, self.best_val, self.data),
             "epoch_numbering": EPOCH_NUMBERING,
-            "best": self.best,
             "eval_every": self.eval_every,
-            "selection": "final = last epoch; best = epoch with the highest main-head top-1 on the test split "
-                         "(the protocol of LDAM-DRW, PaCo and DeiT-LT's code; optimistic)",
             "wall_time_s": self.train_time,
             "device_hours": self.train_time * self.dist.world / 3600,
             "processes": self.dist.world,
@@ -426,9 +436,11 @@ class Trainer:
             return self.method.diagnostics(x.to(self.device))
 
     # --- small helpers -------------------------------------------------------------------------
-    def _eval_loader(self):
-        indices = distributed.shard(len(self.data.test), self.dist.rank, self.dist.world) if self.dist.enabled else None
-        return augment.eval_loader(self.data.test, self.method.eval_transform(), self._eval_batch(), self._workers(),
+    def _eval_loader(self, split: Split | None = None):
+        """A loader over ``split`` (default: test), sharded over the processes of a distributed run."""
+        split = self.data.test if split is None else split
+        indices = distributed.shard(len(split), self.dist.rank, self.dist.world) if self.dist.enabled else None
+        return augment.eval_loader(split, self.method.eval_transform(), self._eval_batch(), self._workers(),
                                    indices=indices, pin_memory=self.device.type == "cuda")
 
     def _workers(self) -> int:
@@ -442,23 +454,3 @@ class Trainer:
 
     def _progress(self, epoch: int):
         return self.monitor.epoch_bar(epoch)
-
-
-def group_steps(loader: Iterable, sizes: list[int]) -> Iterator[list]:
-    """Micro-batches grouped into optimizer steps of the given sizes."""
-    items = iter(loader)
-    for size in sizes:
-        yield [next(items) for _ in range(size)]
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_device(v, device) for v in value)
-    return value
-
-
-def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Per-epoch metrics without the per-class vectors (those go to result.json)."""
-    return {head: {k: v for k, v in m.items() if k != "per_class"} for head, m in metrics["heads"].items()}

@@ -1,4 +1,6 @@
-"""The decode-and-resize cache of the list-file datasets (``cache_resized``), and their atomic small writes."""
+"""The decode-and-resize cache of the list-file datasets (``cache_resized``): every image decoded once, its
+shorter side resized, stored as JPEG under ``<data-root>/.ltbench-cache``; and the thread pool that decodes in
+parallel (also used by ``ltbench data verify``)."""
 
 from __future__ import annotations
 
@@ -10,16 +12,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 from PIL import Image
 
 from ltbench.errors import UserError
 
+CACHE_FOLDER = ".ltbench-cache"
 
-class ListFile(Protocol):
-    """What the cache reads of a parsed split list (``filelist_lt.ListFile``)."""
+
+class Listing(Protocol):
+    """What the cache needs of a parsed split list (``filelist_lt.ListFile``)."""
 
     path: Path
     paths: list[str]
+    labels: np.ndarray
     sha256: str
 
     def where(self, index: int) -> str: ...
@@ -36,7 +42,8 @@ def write_atomic(target: Path, data: bytes) -> None:
         raise UserError(f"Cannot write {target} ({exc.strerror or exc}); make its folder writable.") from exc
 
 
-def build_resized_cache(source_root: Path, cache_root: Path, listing: ListFile, size: int,
+
+def build_resized_cache(source_root: Path, cache_root: Path, listing: Listing, size: int,
                         workers: int | None = None) -> None:
     """Store every image of ``listing`` under ``cache_root`` at the same relative path, decoded once and
     resized so its shorter side is ``size`` (smaller images are copied). Missing files are built in

@@ -70,7 +70,7 @@ def trial_resources(resources: Resources, cluster: Mapping[str, float]) -> dict[
 def train_trial(params: dict[str, Any], configs: Mapping[str, dict], runtime: Mapping[str, Any]) -> None:
     """The Ray trial: exactly ``ltbench run`` on one config (reuse if done, resume if partial)."""
     # torch threads = the CPUs Ray gave this trial (unless --threads), so parallel trials do not oversubscribe
-    runtime = {**runtime, "threads": runtime.get("threads") or _trial_cpus()}
+    runtime = {**runtime, "threads": runtime.get("threads") or trial_cpus()}
     config = RunConfig.from_dict(configs[params["run_id"]])
     gpus = _trial_gpus()
     if gpus > 1:  # Ray placed this trial on several GPUs: one process per GPU, as torchrun would
@@ -80,10 +80,10 @@ def train_trial(params: dict[str, Any], configs: Mapping[str, dict], runtime: Ma
     metrics: dict[str, Any] = {"finished": record.done}  # not "done": Ray reserves that key
     if record.done:
         metrics["top1"] = record.result()["final"]["heads"]["main"]["top1"]
-    _report(metrics)
+    report_to_tune(metrics)
 
 
-def _trial_cpus() -> int | None:
+def trial_cpus() -> int | None:
     """The CPUs Ray gave this trial, in whole threads (at least 1); None outside a Ray worker."""
     import ray
 
@@ -106,7 +106,7 @@ def _trial_gpus() -> int:
         return 0
 
 
-def _report(metrics: dict[str, Any]) -> None:
+def report_to_tune(metrics: dict[str, Any]) -> None:
     """The one place that calls Ray's reporting API (it moved between Ray versions)."""
     from ray import tune
 
@@ -153,7 +153,7 @@ def run_sweep(plan: SweepPlan, runtime: Runtime, resources: Resources,
     if fields["download"]:  # once, here, rather than racing in every trial
         _download_datasets(plan, fields["data_root"])
         fields["download"] = False
-    started_ray = _start_ray(resources)
+    started_ray = start_ray(resources)
     try:
         import ray
 
@@ -197,7 +197,7 @@ def _block(job: Job, plan: SweepPlan, outcome: SweepOutcome) -> bool:
     return bool(missing)
 
 
-def _start_ray(resources: Resources) -> bool:
+def start_ray(resources: Resources) -> bool:
     """Connect to ``--address`` or start a private local Ray; True when we started it."""
     import logging
 

@@ -39,6 +39,10 @@ def export(data: LTData, path: Path) -> Path:
               "test_y": data.test.labels, "rank_lengths": np.array([len(r) for r in ranks], dtype=np.int64),
               "ranks": np.concatenate(ranks) if ranks else np.zeros(0, np.int64),
               "train_indices": data.train_indices if data.train_indices is not None else np.zeros(0, np.int64)}
+    if data.val is not None:  # files written before val splits have none; they load without one
+        arrays.update(val_x=data.val.images, val_y=data.val.labels,
+                      val_indices=data.val_indices if data.val_indices is not None else np.zeros(0, np.int64))
+        meta["extras"] = {"val_source": data.info.extras.get("val_source", "")}
     np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
     atomic_write_bytes(path, lzma.compress(buffer.getvalue(), preset=6))
     return path
@@ -56,8 +60,14 @@ def load(path: Path, rho: float) -> LTData:
     counts = np.bincount(arrays["train_y"], minlength=meta["num_classes"]).tolist()
     if counts != expected or (ranks and rank_fingerprint(ranks) != meta["rank_fingerprint"]):
         raise UserError(f"{path} does not hold the subset its name claims (class counts {counts}); export it again.")
+    extras = {"kept_ranks": ranks} if ranks else {}
+    extras["val_source"] = meta.pop("extras", {}).get("val_source", f"none: {path.name} was exported before val "
+                                                                    f"splits existed; export it again")
     meta = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items() if k != "rank_fingerprint"}
-    info = DatasetInfo(**meta, extras={"kept_ranks": ranks} if ranks else {})
+    info = DatasetInfo(**meta, extras=extras)
     train_indices = arrays["train_indices"] if len(arrays["train_indices"]) else None
+    has_val = "val_y" in arrays.files
     return LTData(info, InMemorySplit(arrays["train_x"], arrays["train_y"]),
-                  InMemorySplit(arrays["test_x"], arrays["test_y"]), train_indices)
+                  InMemorySplit(arrays["test_x"], arrays["test_y"]), train_indices,
+                  val=InMemorySplit(arrays["val_x"], arrays["val_y"]) if has_val else None,
+                  val_indices=arrays["val_indices"] if has_val and len(arrays["val_indices"]) else None)

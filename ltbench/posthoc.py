@@ -73,3 +73,28 @@ def final_logits(record: RunRecord, runtime) -> tuple[dict[str, torch.Tensor], t
     logits, labels = metrics["_logits"], metrics["_labels"]
     record.write_logits({k: v.numpy() for k, v in logits.items()}, labels.numpy(), record.config())
     return logits, labels, "recomputed"
+
+
+TAU_GRID = tuple(k / 4 for k in range(9))  # 0, 0.25, ..., 2: the range papers search (1 is Menon et al.'s)
+AUTO_RULE = ("tau of TAU_GRID with the best main-head top-1 on the val split (final-epoch logits), the smallest of "
+             "ties; test is evaluated at that tau only")
+
+
+def auto_adjust(record: RunRecord, runtime) -> dict[str, Any]:
+    """Choose tau on val by the val selection rule, then evaluate test at it; recorded under ``auto`` in
+    posthoc_la.json beside the per-tau blocks."""
+    if not record.done:
+        raise UserError(f"Run {record.run_id} is not finished (no DONE marker): --adjust auto uses the final epoch.")
+    trainer, _ = restored_trainer(record, runtime)
+    if trainer.data.val is None or not len(trainer.data.val):
+        raise UserError(f"Run {record.run_id}'s dataset has no val split ({trainer.data.info.extras.get('val_source')}"
+                        f"), so tau cannot be chosen without the test set; give --adjust TAU explicitly instead.")
+    val = trainer._evaluate_full(trainer._eval_loader(trainer.data.val), keep_logits=True)
+    counts, evaluator = record.result()["class_counts"], EVALUATORS.get(DEFAULT_EVALUATOR)()
+    scores = {tau_key(tau): evaluator.evaluate(adjust_logits(val["_logits"], counts, tau), val["_labels"],
+                                               trainer.data.info)["heads"]["main"]["top1"] for tau in TAU_GRID}
+    best = max(TAU_GRID, key=lambda tau: scores[tau_key(tau)])  # max keeps the first (smallest) of ties
+    payload = posthoc_adjust(record, runtime, [best])
+    payload["auto"] = {"tau": tau_key(best), "rule": AUTO_RULE, "val_top1": scores}
+    atomic_write_json(record.path / POSTHOC_FILE, payload)
+    return payload

@@ -50,8 +50,9 @@ def eval_line(row: dict[str, Any]) -> str:
     main = heads.pop("main")
     groups = "  ".join(f"{g} {_pct(v)}" for g, v in (main.get("counts") or {}).items())
     others = "  ".join(f"{head} {_pct(m['top1'])}" for head, m in heads.items())
+    val = f"  |  val top-1 {_pct(row['val']['main']['top1'])}" if "val" in row else ""
     return (f"  test after epoch {row['epoch']}: top-1 {_pct(main['top1'])}  {groups}"
-            + (f"  |  top-1 by head: {others}" if others else ""))
+            + (f"  |  top-1 by head: {others}" if others else "") + val)
 
 
 def _pct(value: float | None) -> str:

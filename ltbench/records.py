@@ -31,6 +31,7 @@ from ltbench.atomic import atomic_write_json as atomic_write_json
 from ltbench.config import RunConfig, canonical_json
 from ltbench.errors import UserError
 from ltbench.run_lock import LOCK, locked
+from ltbench.selection import BLOCK
 
 if TYPE_CHECKING:
     import torch
@@ -162,7 +163,8 @@ class RunRecord:
 
     def finished_result(self, select: str = "final") -> tuple[dict[str, Any] | None, str | None]:
         """(the run's result, None), or (None, why a table leaves the run out): unfinished, altered after it
-        finished, or a result.json that is missing, damaged or has no ``select`` block."""
+        finished, or a result.json that is missing, damaged or has no block for the selection rule ``select``
+        (final | val | oracle)."""
         if not self.done:
             return None, f"unfinished ({epochs_logged(self.path)} epoch(s) logged)"
         if not (self.path / RESULT).is_file():
@@ -171,8 +173,9 @@ class RunRecord:
             result = self.result(trained=False)  # a table reads the config from config.json, the numbers from here
         except UserError as exc:
             return None, str(exc).rstrip(".")
-        if result.get(select) is None:
-            return None, ("no evaluated epoch to select as best" if select == "best" else
+        block = BLOCK.get(select, select)  # a selection rule's block (ltbench.selection)
+        if result.get(block) is None:
+            return None, (_no_block(select, result) if select != "final" else
                           f"result.json of run {self.run_id} is damaged: it has no final block; {RESULT_FIX}")
         return result, None
 
@@ -370,6 +373,15 @@ def _sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
+def _no_block(rule: str, result: dict[str, Any]) -> str:
+    """Why a finished run has no block for a selection rule."""
+    if rule != "val":
+        return f"no evaluated epoch to select by the {rule} rule"
+    if "val_split" not in result:
+        return "no val evaluation (trained before val splits existed: retrain it to select on val)"
+    return f"no val split ({result['val_split'].get('source', 'none')})"
+
+
 def tau_key(tau: float) -> str:
     """The text a tau is stored and labelled under (1.0 -> "1", 0.5 -> "0.5")."""
     return f"{tau:g}"
@@ -386,6 +398,36 @@ def epochs_logged(folder: Path) -> int:
             return sum(1 for line in fh if line.strip())
     except OSError:
         return 0
+
+
+TUNES = "tunes"
+TUNE_MANIFEST = "tune.json"
+
+
+def tune_dir(results: Path, tune_id: str) -> Path:
+    """``<results>/tunes/<tune_id>/``: Ray's files of a search and its manifest (ltbench.tuning)."""
+    return results / TUNES / tune_id
+
+
+def write_tune_manifest(results: Path, tune_id: str, payload: dict[str, Any]) -> Path:
+    path = tune_dir(results, tune_id) / TUNE_MANIFEST
+    atomic_write_json(path, payload)
+    return path
+
+
+def tune_manifests(results: Path) -> list[dict[str, Any]]:
+    """Every search's manifest under ``results`` (a damaged one is an error naming it)."""
+    out = []
+    for path in sorted((results / TUNES).glob(f"*/{TUNE_MANIFEST}")):
+        try:
+            payload = json.loads(path.read_text())
+            if not isinstance(payload, dict) or not isinstance(payload.get("trials"), list):
+                raise ValueError("no list of trials")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path} is not a readable tune manifest ({exc}); delete it and run the same "
+                            f"`ltbench tune` command again (its trials are reused).") from exc
+        out.append(payload)
+    return out
 
 
 def run_state(results: Path, run_id: str) -> tuple[str, int]:

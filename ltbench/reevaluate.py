@@ -8,6 +8,7 @@ from ltbench.engine import Trainer
 from ltbench.errors import UserError
 from ltbench.records import RunRecord, atomic_write_json
 from ltbench.runtime import Runtime
+from ltbench.selection import selection_fields
 from ltbench.stages import build_trainer
 
 
@@ -27,8 +28,9 @@ def reevaluate(record: RunRecord, runtime: Runtime) -> dict[str, Any]:
     config = record.config()
     trainer, ckpt = restored_trainer(record, runtime)
     metrics = trainer._evaluate_full(trainer._eval_loader())
+    fields = selection_fields(ckpt["epoch"], metrics, trainer.evaluate_val(), ckpt.get("best"), ckpt.get("best_val"),
+                              trainer.data)
     result = {"run_id": record.run_id, "method": config.method, "dataset": config.dataset, "config": config.to_dict(),
-              "final": {"epoch": ckpt["epoch"], **metrics}, "best": ckpt.get("best"),
-              "note": f"re-evaluated from the checkpoint after epoch {ckpt['epoch']}"}
+              **fields, "note": f"re-evaluated from the checkpoint after epoch {ckpt['epoch']}"}
     atomic_write_json(record.path / "eval.json", result)
     return result

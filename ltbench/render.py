@@ -27,6 +27,9 @@ class Cell:
     n: int | None = None  # shown when it differs from the table's usual seed count
     bold: bool = False
     missing: bool = False
+    interval: str = ""  # "[69.10, 70.88]": a 95 % bootstrap interval, or ""
+    extra: str = ""  # "P(better)=0.89" on a paired row
+    mark: str = ""  # "n.s." when a paired difference's interval contains 0
 
 
 @dataclass
@@ -67,7 +70,12 @@ def _md_cell(cell: Cell) -> str:
     mean = f"**{cell.text}**" if cell.bold else cell.text
     spread = f" ± {cell.spread}" if cell.spread else ""
     n = f" (n={cell.n})" if cell.n is not None else ""
-    return mean + spread + n
+    return mean + spread + _suffix(cell) + n
+
+
+def _suffix(cell: Cell) -> str:
+    """The interval, the paired row's P(better) and "n.s.", as plain text after the number."""
+    return "".join(f" {part}" for part in (cell.interval, cell.extra, f"({cell.mark})" if cell.mark else "") if part)
 
 
 # Config values reach labels and notes verbatim: escape what Markdown would interpret. A "<" opens raw HTML only
@@ -89,7 +97,8 @@ def _md_escape(text: str) -> str:
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "ρ": r"$\rho$", "Δ": r"$\Delta$", "±": r"$\pm$", "–": "--", "↳": r"$\hookrightarrow$",
+                  "ρ": r"$\rho$", "σ": r"$\sigma$",
+                  "×": r"$\times$", "Δ": r"$\Delta$", "±": r"$\pm$", "–": "--", "↳": r"$\hookrightarrow$",
                   "\n": " ", "\r": " "}  # a blank line inside a table cell ends the paragraph: an error
 
 
@@ -144,7 +153,8 @@ def _latex_cell(cell: Cell) -> str:
     mean = rf"\textbf{{{cell.text}}}" if cell.bold else latex_escape(cell.text)
     spread = rf" $\pm$ {cell.spread}" if cell.spread else ""
     n = rf" \textsuperscript{{n={cell.n}}}" if cell.n is not None else ""
-    return mean + spread + n
+    suffix = rf" {{\scriptsize {latex_escape(_suffix(cell).strip())}}}" if _suffix(cell) else ""
+    return mean + spread + suffix + n
 
 
 def render_html(table: Table) -> str:
@@ -164,8 +174,12 @@ def render_html(table: Table) -> str:
 def _html_cell(cell: Cell) -> str:
     if cell.missing:
         return "–"
-    mean = f"<b>{cell.text}</b>" if cell.bold else cell.text
-    return mean + (f" ± {cell.spread}" if cell.spread else "") + (f" (n={cell.n})" if cell.n is not None else "")
+    from html import escape
+
+    mean = f"<b>{escape(cell.text)}</b>" if cell.bold else escape(cell.text)
+    suffix = f" <small>{escape(_suffix(cell).strip())}</small>" if _suffix(cell) else ""
+    return mean + (f" ± {cell.spread}" if cell.spread else "") + suffix + (f" (n={cell.n})" if cell.n is not None
+                                                                          else "")
 
 
 def render_csv(cells: pd.DataFrame) -> str:

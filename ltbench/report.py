@@ -25,6 +25,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ltbench.compare import (
+    add_intervals,
+    baseline_row,
+    baseline_rows,
+    interval_text,
+    mean_at,
+    oracle_rows,
+    search_note,
+    subset_cell,
+    subset_facts,
+    varies_subsets,
+)
 from ltbench.errors import UserError
 from ltbench.render import Cell, Table, render_csv, render_html, render_json, render_latex, render_markdown
 from ltbench.runset import (
@@ -106,7 +118,8 @@ def aggregate(runs: RunSet, options: ReportOptions | None = None) -> pd.DataFram
     frame["experiment"] = frame["run_id"].map(lambda rid: experiment_key(runs.flat_configs[rid]))
     if not options.heads:
         frame = frame[frame["head"] == "main"]
-    long = frame.melt(id_vars=["row", "experiment", "method", "head", "dataset", "rho", "data", "seed", "run_id"],
+    ids = ["row", "experiment", "method", "head", "dataset", "rho", "data", "seed", "subsample_seed", "run_id"]
+    long = frame.melt(id_vars=ids,
                       value_vars=list(options.metrics), var_name="metric")
     cells = []
     keys = ["row", "head", "dataset", "rho", "data", "metric"]
@@ -120,7 +133,7 @@ def aggregate(runs: RunSet, options: ReportOptions | None = None) -> pd.DataFram
 
 
 _CELL_COLUMNS = ["row", "method", "head", "dataset", "rho", "data", "metric", "mean", "std", "se", "n", "seeds",
-                 "values", "run_ids", "experiment"]
+                 "values", "run_ids", "experiment", "subsample_seeds", "subset_std"]
 
 
 def _cell_stats(key: dict[str, Any], group: pd.DataFrame) -> dict[str, Any]:
@@ -131,7 +144,7 @@ def _cell_stats(key: dict[str, Any], group: pd.DataFrame) -> dict[str, Any]:
     return {**key, "method": group["method"].iloc[0], "mean": float(present.mean()) if len(present) else math.nan,
             "std": std, "se": std / math.sqrt(len(present)) if len(present) > 1 else math.nan, "n": n,
             "seeds": ";".join(str(s) for s in group["seed"]), "values": ";".join(_num_text(v) for v in values),
-            "run_ids": ";".join(group["run_id"]), "experiment": group["experiment"].iloc[0]}
+            "run_ids": ";".join(group["run_id"]), "experiment": group["experiment"].iloc[0], **subset_facts(group)}
 
 
 def _num_text(value: float) -> str:
@@ -220,8 +233,9 @@ def _reference_facts(ref: pd.DataFrame, cell: pd.Series, runs: RunSet, options: 
     if row is None:
         return {"paper": math.nan, "paper_source": "", "paper_label": "", "not_comparable": "",
                 "compared": math.nan, "compared_at": options.select, "coarse_eval": 0}
-    at = "best" if row["selection"] == "best" else options.select
-    compared = cell["mean"] if at == options.select else _mean_at_best(runs, ids, cell["head"], cell["metric"])
+    # a source that reports its best test epoch is compared with the runs' oracle, and says so
+    at = "oracle" if row["selection"] == "best" else options.select
+    compared = cell["mean"] if at == options.select else mean_at(runs, ids, "oracle", cell["head"], cell["metric"])
     intervals = [runs.selection.get(i, {}).get("eval_every") or 0 for i in ids]
     coarse = max(intervals) if row["eval_every"] and max(intervals) > int(row["eval_every"]) else 0
     return {"paper": float(row["value"]), "paper_source": f"{row['source']} [{row['tag']}]",
@@ -239,12 +253,6 @@ def _recipe_mismatch(row: pd.Series, flat: Mapping[str, str]) -> str:
     return f"not comparable ({', '.join(reasons)})" if reasons else ""
 
 
-def _mean_at_best(runs: RunSet, run_ids: Sequence[str], head: str, metric: str) -> float:
-    values = [runs.selection.get(i, {}).get("best", {}).get(head, {}).get(metric, math.nan) for i in run_ids]
-    present = [v for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(present)) if present else math.nan
-
-
 # ----------------------------------------------------------------------------------------------
 # One table
 
@@ -259,11 +267,18 @@ def build_table(cells: pd.DataFrame, runs: RunSet, options: ReportOptions) -> Ta
     lookup = {(c.row, c.head, c.dataset, _rho_key(c.rho), c.data, c.metric): c for c in cells.itertuples()}
     usual_n = int(cells["n"].mode().max())
     multi_head = {r for r, h in row_keys if h != "main"}
+    base = baseline_row(cells, options.baseline) if options.baseline else None
     rows = []
     for row, head in row_keys:
-        label = f"{row} [{head}]" if row in multi_head else row
-        found = [lookup.get((row, head, ds, rk, data, m)) for ds, rk, data, m in columns]
-        rows.append((label, [_cell(c, options, usual_n) for c in found], "run"))
+        label = (f"{row} [{head}]" if row in multi_head else row) + (" (oracle)" if options.select == "oracle" else "")
+        subsets = [lookup.get((row, head, ds, rk, data, "top1")) for ds, rk, data, _ in columns]
+        found = [lookup.get((row, head, *column)) for column in columns]  # None in the subset-spread columns
+        rows.append((label, [subset_cell(t, options.digits) if m == "subsets" else _cell(c, options, usual_n)
+                             for c, t, (*_, m) in zip(found, subsets, columns)], "run"))
+        if options.select == "oracle":
+            rows += oracle_rows(found, runs, options.digits)
+        if base is not None and row != base:
+            rows += baseline_rows(found, [lookup.get((base, head, *column)) for column in columns], runs, base)
         if options.compare and head == "main":  # published numbers are for the reported (main) head
             rows += _reference_rows(found, options)
     _bold_best(rows, [m for *_, m in columns], options.digits)
@@ -282,8 +297,12 @@ def _table_columns(cells: pd.DataFrame) -> list[tuple[str, float, str, str]]:
     combos = combos.assign(rk=combos["rho"].map(_rho_key)).sort_values(
         ["dataset", "rk", "data"], key=lambda col: -col if col.name == "rk" else col.map(natural_key))
     metrics = [m for m in METRICS if m in set(cells["metric"])]
-    return [(ds, rk, data, m) for ds, rk, data in zip(combos["dataset"], combos["rk"], combos["data"])
-            for m in metrics]
+    columns = []
+    for ds, rho, rk, data in zip(combos["dataset"], combos["rho"], combos["rk"], combos["data"]):
+        columns += [(ds, rk, data, m) for m in metrics]
+        if "top1" in metrics and varies_subsets(cells, {"dataset": ds, "rho": rho, "data": data}):
+            columns.append((ds, rk, data, "subsets"))  # the CIFAR-LT subset seed's own spread
+    return columns
 
 
 def _groups(columns: list[tuple[str, float, str, str]], labels: Mapping[tuple[str, str], str]) -> list[tuple[str, int]]:
@@ -304,11 +323,11 @@ def _cell(cell: Any, options: ReportOptions, usual_n: int) -> Cell:
         return Cell("n/a")
     spread = cell.std if options.spread == "std" else cell.se
     return Cell(f"{cell.mean:.{options.digits}f}", "" if math.isnan(spread) else f"{spread:.{options.digits}f}",
-                n=cell.n if cell.n != usual_n else None)
+                n=cell.n if cell.n != usual_n else None, interval=interval_text(cell, options.digits))
 
 
 def _reference_rows(found: list[Any], options: ReportOptions) -> list[tuple[str, list[Cell], str]]:
-    """"↳ best epoch" (when a source reports its best epoch and the table shows another), "↳ paper", "↳ Δ"."""
+    """"↳ oracle" (when a source reports its best test epoch and the table shows another rule), "↳ paper", "↳ Δ"."""
     compared, paper, delta = [], [], []
     for c in found:
         if c is None or math.isnan(c.paper):
@@ -324,7 +343,7 @@ def _reference_rows(found: list[Any], options: ReportOptions) -> list[tuple[str,
                      Cell("n/a") if math.isnan(c.delta) else Cell(f"{c.delta:+.{options.digits}f}{coarse}"))
     if all(c.missing for c in paper):
         return []
-    best = [] if all(c.missing for c in compared) else [("↳ best epoch", compared, "best")]
+    best = [] if all(c.missing for c in compared) else [("↳ oracle (best test epoch)", compared, "oracle")]
     deltas = [] if all(c.missing for c in delta) else [("↳ Δ vs paper", delta, "delta")]  # none comparable
     return [*best, ("↳ paper", paper, "paper"), *deltas]
 
@@ -336,6 +355,8 @@ def _num(value: float, digits: int) -> str:
 def _bold_best(rows: list[tuple[str, list[Cell], str]], metrics: list[str], digits: int) -> None:
     run_rows = [cells for _, cells, kind in rows if kind == "run"]
     for j, metric in enumerate(metrics):
+        if metric == "subsets":
+            continue
         numbers = [(float(cells[j].text), cells[j]) for cells in run_rows
                    if not cells[j].missing and cells[j].text != "n/a"]
         if len(numbers) < 2:
@@ -351,12 +372,26 @@ def _caption(options: ReportOptions, usual_n: int, cells: pd.DataFrame) -> str:
     spread = "standard deviation" if options.spread == "std" else "standard error"
     marked = " unless marked (n=k)" if (cells["n"] != usual_n).any() else ""
     metric_text = "Accuracy (%)" if set(options.metrics) - {"ece"} else "Expected calibration error (%)"
-    over = f"mean ± {spread} over {usual_n} seeds{marked}" if usual_n > 1 else f"one seed{marked} (no spread)"
+    units = "runs (seeds × CIFAR-LT subset seeds; σ subsets: the std over subset seeds of their means)" if \
+        cells["subsample_seeds"].str.contains(";").any() else "seeds"
+    over = f"mean ± {spread} over {usual_n} {units}{marked}" if usual_n > 1 else f"one seed{marked} (no spread)"
     text = f"{metric_text} on the balanced test set at {SELECT_TEXT[options.select]}: {over}. "
     if set(options.metrics) & {"many", "medium", "few"}:
         text += SPLIT_TEXT[options.split] + ". "
     if "ece" in options.metrics:
         text += "ECE: 15 equal-width confidence bins, lower is better. "
+    if options.ci and "ci_over" in cells:
+        over_images = (cells["ci_over"] != "seeds").all()
+        text += ("[a, b]: 95 % bootstrap interval of the mean over seeds and test images (stratified by class; "
+                 "docs/protocol.md). " if over_images else "[a, b]: 95 % bootstrap interval of the mean over seeds; "
+                 "over test images too (stratified by class) only for runs that recorded per-class test counts "
+                 "(docs/protocol.md). ")
+    if options.baseline:
+        text += (f"↳ Δ vs {options.baseline}: mean paired difference over the seeds both rows ran, its 95 % "
+                 f"bootstrap interval, and P(better) = the probability that a run beats a baseline run; n.s.: the "
+                 f"interval contains 0 (not significant). ")
+    if options.select == "oracle":
+        text += "Oracle rows select on the test set; ↳ final and the gap show what that selection adds. "
     text += "Bold: best per column; –: no finished run; n/a: the group has no class."
     return text
 
@@ -372,6 +407,13 @@ def _notes(runs: RunSet, cells: pd.DataFrame, options: ReportOptions) -> list[st
         ordered = sorted(by_cell.items(), key=lambda kv: natural_key(kv[0]))
         detail = "; ".join(f"{k} ({', '.join(v)})" for k, v in ordered)
         notes.append(f"Excluded {len(runs.incomplete)} incomplete run(s): {detail}.")
+    if runs.search:
+        notes.append(search_note(runs.search))
+    if any(flat.get("data.eval_split") == "val" for flat in runs.flat_configs.values()):
+        listed = sorted({rid.split("+")[0] for rid, flat in runs.flat_configs.items()
+                         if flat.get("data.eval_split") == "val"})
+        notes.append(f"'Test' is the official val list for {len(listed)} run(s) (data.eval_split=val; iNaturalist-2018 "
+                     f"has no labelled test set, so its papers report on val).")
     if options.compare:
         sources = sorted({s for s in cells.get("paper_source", pd.Series(dtype=str)) if s})
         if sources:
@@ -383,8 +425,9 @@ def _comparison_note(cells: pd.DataFrame, options: ReportOptions) -> str:
     """How Δ compares like with like (paper_numbers.csv records each source's recipe and epoch selection)."""
     text = ("Δ compares runs of the source's recipe only (its ltbench preset and epochs; others are not "
             "comparable), at the source's epoch selection: ")
-    text += ("each run's best test epoch where the source reports its best epoch (↳ best epoch), else the "
-             "epoch this table shows." if options.select != "best" else "the best test epoch.")
+    text += ("a paper's best-epoch number is compared with ltbench's oracle (each run's best test epoch, ↳ oracle), "
+             "other numbers with the epoch this table shows." if options.select != "oracle" else
+             "ltbench's oracle (each run's best test epoch), as the papers select.")
     coarse = cells.loc[cells["coarse_eval"] > 0] if "coarse_eval" in cells else cells.iloc[0:0]
     if not coarse.empty:
         text += (" Coarse eval: the run evaluated only every N epochs, the source every epoch, so its best epoch "
@@ -408,6 +451,8 @@ def report(results: Path, fmt: str = "markdown", options: ReportOptions | None =
     choice("--format", fmt, FORMATS)
     runs = load_runs(results, options)
     cells = aggregate(runs, options)
+    if options.ci and not cells.empty:
+        cells = add_intervals(cells, runs, options)
     if options.compare and not cells.empty:
         cells = add_reference(cells, runs, options)
     if fmt == "csv":

@@ -50,7 +50,7 @@ def make_config(method: str, dataset: str, *, rho: float | None = None, seed: in
         raise UserError(f"Method {method!r} has no preset {preset!r}. Presets: {presets}.")
     hp = resolve_hparams(method_cls, preset, dataset, epochs, {**(hparams or {}), **set_hparams})
     versions = {"schema": cfgmod.SCHEMA_VERSION, "method": method_cls.VERSION, "dataset": dataset_cls.VERSION}
-    return RunConfig(method=method, dataset=dataset, data=cfgmod.to_jsonable(options), hparams=cfgmod.hparams_dict(hp),
+    return RunConfig(method=method, dataset=dataset, data=cfgmod.hparams_dict(options), hparams=cfgmod.hparams_dict(hp),
                      seed=int(seed), preset=preset, versions=versions)
 
 

@@ -235,6 +235,7 @@ class GridValues(_Open):
     datasets: str | list[str | int | float] | None = None
     rho: Finite | str | list[Finite | str] | None = None
     seeds: int | str | list[int | str] | None = None
+    subsample_seeds: int | str | list[int | str] | None = None
     preset: str | None = None
     epochs: Annotated[int, Field(ge=0)] | None = None
     set: str | list[str | int | float | bool] | dict[str, Any] | None = None

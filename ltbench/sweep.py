@@ -29,7 +29,7 @@ from ltbench.registry import DATASETS, METHODS
 from ltbench.resolve import make_config
 from ltbench.schemas import grid_values, load_yaml
 
-GRID_KEYS = ("methods", "datasets", "rho", "seeds", "preset", "epochs", "set")
+GRID_KEYS = ("methods", "datasets", "rho", "seeds", "subsample_seeds", "preset", "epochs", "set")
 MAX_GRID_RUNS = 10_000  # refused before expanding: more runs than any benchmark needs is a typo (0-99999999)
 
 
@@ -48,6 +48,8 @@ class SweepGrid:
     preset: str | None = None
     epochs: int | None = None
     sets: tuple[str, ...] = ()
+    # CIFAR-LT subset seeds, a source of variance of their own (docs/protocol.md); None = the dataset's default
+    subsample_seeds: tuple[int | None, ...] = (None,)
 
     def __post_init__(self) -> None:
         for name in ("methods", "datasets", "rhos", "seeds"):
@@ -60,7 +62,7 @@ class SweepGrid:
 
     @property
     def size(self) -> int:
-        return len(self.methods) * len(self.datasets) * len(self.rhos) * len(self.seeds)
+        return len(self.methods) * len(self.datasets) * len(self.rhos) * len(self.seeds) * len(self.subsample_seeds)
 
 
 def parse_list(text: str | Sequence[Any] | None, what: str) -> list[str]:
@@ -137,7 +139,8 @@ def load_grid_file(path: Path) -> dict[str, Any]:
 
 def build_grid(file_values: Mapping[str, Any] | None = None, *, methods: str | None = None,
                datasets: str | None = None, rho: str | None = None, seeds: str | None = None,
-               preset: str | None = None, epochs: int | None = None, sets: Sequence[str] = ()) -> SweepGrid:
+               preset: str | None = None, epochs: int | None = None, sets: Sequence[str] = (),
+               subsample_seeds: str | None = None) -> SweepGrid:
     """A grid from a YAML file's values and command-line values; the command line wins, ``--set`` appends."""
     values = dict(file_values or {})
     methods_v = methods if methods is not None else values.get("methods")
@@ -146,6 +149,7 @@ def build_grid(file_values: Mapping[str, Any] | None = None, *, methods: str | N
         raise UserError("A sweep needs methods and datasets: --methods a,b --datasets x,y, or a YAML grid file.")
     rho_v = rho if rho is not None else values.get("rho")
     seeds_v = seeds if seeds is not None else values.get("seeds", 0)
+    subsets_v = subsample_seeds if subsample_seeds is not None else values.get("subsample_seeds")
     epochs_v = epochs if epochs is not None else values.get("epochs")
     return SweepGrid(
         methods=tuple(dict.fromkeys(parse_list(methods_v, "methods"))),
@@ -155,6 +159,7 @@ def build_grid(file_values: Mapping[str, Any] | None = None, *, methods: str | N
         preset=preset if preset is not None else values.get("preset"),
         epochs=int(epochs_v) if epochs_v is not None else None,
         sets=(*parse_sets(values.get("set")), *sets),
+        subsample_seeds=tuple(parse_seeds(subsets_v)) if subsets_v is not None else (None,),
     )
 
 
@@ -259,11 +264,17 @@ def _plan_grid(grid: SweepGrid, results: Path, jobs: dict[str, Job], notes: list
             if grid.rhos != (None,) and not hasattr(DATASETS.get(dataset).Options(), "rho"):
                 notes.append(f"{dataset} has a fixed imbalance: the rho axis does not apply to it.")
                 rhos = (None,)
+            subsets = grid.subsample_seeds
+            if subsets != (None,) and not hasattr(DATASETS.get(dataset).Options(), "subsample_seed"):
+                notes.append(f"{dataset} has no subset seed: the subsample_seeds axis does not apply to it.")
+                subsets = (None,)
             for rho in rhos:
                 for seed in grid.seeds:
-                    config = make_config(method, dataset, rho=rho, seed=seed, preset=grid.preset,
-                                                epochs=grid.epochs, sets=sets_for(grid, method))
-                    _add_job(config, jobs, requested=True, results=results)
+                    for subset in subsets:
+                        config = make_config(method, dataset, rho=rho, seed=seed, preset=grid.preset,
+                                             epochs=grid.epochs, sets=sets_for(grid, method),
+                                             data_options={} if subset is None else {"subsample_seed": subset})
+                        _add_job(config, jobs, requested=True, results=results)
 
 
 def sets_for(grid: SweepGrid, method: str) -> list[str]:
@@ -327,8 +338,14 @@ def describe_job(job: Job) -> dict[str, str]:
     role = "run" if job.requested else "upstream"
     progress = f"{job.epochs_done}/{job.epochs}" if job.status != "new" else f"0/{job.epochs}"
     return {"run id": job.run_id, "method": job.config.method, "dataset": job.config.dataset,
-            "rho": num_text(rho) if rho is not None else "-", "seed": str(job.config.seed), "role": role,
+            "rho": num_text(rho) if rho is not None else "-", "seed": _seed_text(job.config), "role": role,
             "wave": str(job.wave), "status": job.status, "epochs": progress}
+
+
+def _seed_text(config: RunConfig) -> str:
+    """The seed, and the CIFAR-LT subset seed when it is not the published subset's 0."""
+    subset = config.data.get("subsample_seed", 0)
+    return str(config.seed) + (f" (subset {subset})" if subset else "")
 
 
 def summarize(jobs: Iterable[Job]) -> str:
@@ -340,8 +357,9 @@ def summarize(jobs: Iterable[Job]) -> str:
 
 def grid_summary(grid: SweepGrid) -> str:
     rhos = ",".join(num_text(r) for r in grid.rhos)
+    subsets = "" if grid.subsample_seeds == (None,) else f" x {len(grid.subsample_seeds)} subset seed(s)"
     return (f"{len(grid.methods)} method(s) x {len(grid.datasets)} dataset(s) x rho {rhos} x "
-            f"{len(grid.seeds)} seed(s) = {grid.size} cell(s)")
+            f"{len(grid.seeds)} seed(s){subsets} = {grid.size} cell(s)")
 
 
 def json_plan(plan: SweepPlan) -> str:

@@ -63,16 +63,21 @@ def flatten(row: Mapping[str, Any]) -> tuple[int, dict[str, float]]:
     scalars["train/lr"] = float(row["lr"])
     if "images_per_s" in row:
         scalars["train/images_per_s"] = float(row["images_per_s"])
-    for head, metrics in row.get("eval", {}).items():
-        prefix = f"test/{head}"
-        scalars[f"{prefix}/top1"] = float(metrics["top1"])
-        if metrics.get("ece") is not None:
-            scalars[f"{prefix}/ece"] = float(metrics["ece"])
-        for rule, label in (("counts", ""), ("paper", "paper_")):
-            for group, value in (metrics.get(rule) or {}).items():
-                if value is not None:  # None: no class in that group
-                    scalars[f"{prefix}/{label}{group}"] = float(value)
+    for split, block in (("test", row.get("eval", {})), ("val", row.get("val", {}))):
+        for head, metrics in block.items():
+            scalars.update(_head_scalars(f"{split}/{head}", metrics))
     return int(row["epoch"]), scalars
+
+
+def _head_scalars(prefix: str, metrics: Mapping[str, Any]) -> dict[str, float]:
+    scalars = {f"{prefix}/top1": float(metrics["top1"])}
+    if metrics.get("ece") is not None:
+        scalars[f"{prefix}/ece"] = float(metrics["ece"])
+    for rule, label in (("counts", ""), ("paper", "paper_")):
+        for group, value in (metrics.get(rule) or {}).items():
+            if value is not None:  # None: no class in that group
+                scalars[f"{prefix}/{label}{group}"] = float(value)
+    return scalars
 
 
 class TensorBoardTracker:

@@ -176,5 +176,8 @@ def test_portable_subset_round_trip(tmp_path, cli, small_cifar100):
     assert np.array_equal(original.train_indices, shipped.train_indices)
     assert rank_fingerprint(shipped.info.extras["kept_ranks"]) == rank_fingerprint(original.info.extras["kept_ranks"])
     assert shipped.info.train_counts == original.info.train_counts
+    assert len(shipped.val) > 0 and np.array_equal(original.val.images, shipped.val.images)  # the val split travels
+    assert np.array_equal(original.val_indices, shipped.val_indices)
+    assert shipped.info.extras["val_source"] == original.info.extras["val_source"]
     with pytest.raises(UserError, match="not found"):  # a different rho has no subset there
         CIFAR100LT(CIFARLTOptions(rho=8), tmp_path / "ship").load()

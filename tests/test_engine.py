@@ -51,6 +51,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert resumed.done
     a, b = full.result(), resumed.result()
     assert a["final"]["heads"] == b["final"]["heads"] and a["best"] == b["best"]
+    assert a["val"] == b["val"] and a["val"] is not None  # the val selection survives the interruption
     sa, sb = full.load_checkpoint()["modules"]["model"], resumed.load_checkpoint()["modules"]["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [r["epoch"] for r in resumed.metrics()] == [1, 2, 3]

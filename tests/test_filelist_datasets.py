@@ -280,11 +280,11 @@ def test_resize_cache_is_built_once_and_used(tmp_path):
 
     data = _load(PlacesLT, tmp_path, cache_resized=32)
     cache = tmp_path / ".ltbench-cache" / "placeslt" / "short32"
-    assert data.train.root == cache and data.test.root == cache
-    for path in data.train.paths + data.test.paths:
+    assert data.train.root == cache and data.test.root == cache and data.val.root == cache
+    for path in data.train.paths + data.test.paths + data.val.paths:
         with Image.open(cache / path) as img:
             assert min(img.size) == 32 and max(img.size) == 38  # 40x48 -> shorter side 32, aspect kept
-    assert len(list(cache.glob(".complete-*"))) == 2
+    assert len(list(cache.glob(".complete-*"))) == 3  # train, test and the val list
     stamp = (cache / data.train.paths[0]).stat().st_mtime_ns
     (folder / data.train.paths[0]).unlink()  # the cache is complete: the original is not read again
     again = _load(PlacesLT, tmp_path, cache_resized=32)

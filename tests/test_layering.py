@@ -14,14 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("errors", "seeding", "data", "runtime", "config", "registry", "schemas", "atomic", "run_lock", "records",
-        "distributed", "models", "cnn", "losses", "sam", "analysis", "evaluate"),  # foundations
+        "distributed", "models", "cnn", "losses", "sam", "analysis", "evaluate", "splits", "selection", "stats"),
     1: ("augment", "gpu_recipe", "gpu_kernels", "gpu_randaugment", "gpu_augment", "portable", "image_cache", "verify",
         "tracking", "datasets.*"),  # inputs
     2: ("method", "resolve", "progress"),  # contracts
     3: ("engine", "teacher"),  # training
     4: ("methods.*",),  # methods
     5: ("stages", "bench", "reevaluate", "posthoc", "datainfo"),  # orchestration
-    6: ("sweep", "launcher", "runset", "render", "report"),  # many runs
+    6: ("sweep", "launcher", "tuning", "runset", "render", "compare", "report"),  # many runs
     7: ("projection", "reproduce", "verdict_files", "plots", "console"),  # presentation
     8: ("cli_options", "cli_data", "cli_runs", "cli", "__main__", "__init__"),  # the command line
 }

@@ -185,12 +185,12 @@ def test_a_sweep_trial_uses_the_cpus_ray_gave_it(monkeypatch):
 
     from ltbench import launcher
 
-    assert launcher._trial_cpus() is None  # not in a Ray worker
+    assert launcher.trial_cpus() is None  # not in a Ray worker
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     for assigned, threads in (({"CPU": 2.0}, 2), ({"CPU": 0.5}, 1)):
         context = types.SimpleNamespace(get_assigned_resources=lambda assigned=assigned: assigned)
         monkeypatch.setattr(ray, "get_runtime_context", lambda context=context: context)
-        assert launcher._trial_cpus() == threads
+        assert launcher.trial_cpus() == threads
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,4 +65,22 @@ def test_unfinished_runs_and_best_epoch_selection_are_refused(tmp_path):
     from ltbench.runset import ReportOptions
 
     with pytest.raises(UserError, match="--select final"):
-        ReportOptions(select="best", adjust=1.0)
+        ReportOptions(select="oracle", adjust=1.0)
+
+
+def test_adjust_auto_chooses_tau_on_val_and_the_report_labels_it(vit_run, cli):
+    record, results = vit_run
+    shown = cli("eval", record.run_id, "--results", str(results), "--data-root", str(results), "--device", "cpu",
+                "--adjust", "auto")
+    auto = record.posthoc()["auto"]
+    scores = auto["val_top1"]
+    assert len(scores) == 9 and auto["tau"] == max(scores, key=scores.get) and "val" in auto["rule"]
+    assert auto["tau"] in record.posthoc()["taus"] and "τ chosen on val" in shown.output
+    table = cli("report", "--results", str(results), "--adjust", "auto").output
+    assert "erm\\_vit + post-hoc LA τ chosen on val" in table
+    with pytest.raises(UserError, match="no val split"):
+        from ltbench.posthoc import auto_adjust
+
+        config = resolve.make_config("erm_vit", "synthetic", preset="tiny", epochs=1,
+                                     sets=[*FAST_VIT, *DATA, "batch_size=16", "data.n_val=0"])
+        auto_adjust(stages.ensure(config, _runtime(results)), _runtime(results))

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -36,8 +37,8 @@ CASES = {
     "report.tex": ("latex", {}),
     "report.csv": ("csv", {}),
     "report_heads_paper_compare.md": ("markdown", {"heads": True, "split": "paper", "compare": "paper"}),
-    "report_best_se_compare.tex": ("latex", {"select": "best", "spread": "se", "metrics": ("top1", "ece"),
-                                             "compare": "paper"}),
+    "report_oracle_se_compare.tex": ("latex", {"select": "oracle", "spread": "se", "metrics": ("top1", "ece"),
+                                               "compare": "paper"}),
     "report_standalone.tex": ("latex", {"standalone": True}),
 }
 
@@ -116,7 +117,7 @@ def test_incomplete_runs_are_excluded_and_counted():
     assert runs.frame["run_id"].nunique() == 15
     markdown = render("markdown")
     assert "Excluded 1 incomplete run(s): erm_vit / cifar10lt ρ=50 (seed 2: unfinished (3 epoch(s) logged))" in markdown
-    assert "71.36 ± 0.16 (n=2)" in markdown and "unless marked (n=k)" in markdown
+    assert re.search(r"71\.36 ± 0\.16 \[7\d\.\d\d, 7\d\.\d\d\] \(n=2\)", markdown) and "unless marked (n=k)" in markdown
 
 
 def test_bold_marks_the_best_mean_of_each_column_and_missing_cells_are_marked():
@@ -157,7 +158,7 @@ def test_paper_comparison_uses_matching_reference_and_main_head_only():
     assert main[main["metric"] == "few"].iloc[0]["paper"] == 85.0  # DeiT-LT README, index split
     table = rp.build_table(cells, runs, options)
     kinds = [(label, kind) for label, _, kind in table.rows]
-    assert kinds[:6] == [("deitlt [main]", "run"), ("↳ best epoch", "best"), ("↳ paper", "paper"),
+    assert kinds[:6] == [("deitlt [main]", "run"), ("↳ oracle (best test epoch)", "oracle"), ("↳ paper", "paper"),
                          ("↳ Δ vs paper", "delta"), ("deitlt [cls]", "run"), ("deitlt [dist]", "run")]
 
 
@@ -189,9 +190,15 @@ def test_reference_file_is_well_formed():
     assert len(wide) >= 20 and (wide[50.0] > wide[100.0]).all()
 
 
-def test_best_selection_says_so_in_the_caption():
-    text = render("markdown", select="best", metrics=("top1",))
-    assert "best test epoch" in text and "final epoch" not in text
+def test_oracle_selection_says_so_in_the_caption_and_every_row():
+    text = render("markdown", select="oracle", metrics=("top1",))
+    assert "ORACLE: the best test epoch" in text and "final epoch" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    run_rows = [r for r in rows if not r.startswith("| ↳")]
+    assert run_rows and all("(oracle)" in r for r in run_rows)
+    assert any(r.startswith("| ↳ gap oracle - final") for r in rows)
+    with pytest.raises(UserError, match="now called --select oracle"):
+        runset.ReportOptions(select="best")
 
 
 def test_latex_escaping_and_balance():
@@ -202,7 +209,8 @@ def test_latex_escaping_and_balance():
     assert "erm_vit" not in tex.replace("erm\\_vit", "")
 
 
-LATEX_DOCUMENT = "\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\begin{document}\n%s\n\\end{document}\n"
+LATEX_DOCUMENT = ("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\begin{document}\n%s\n"
+                  "\\end{document}\n")
 
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed (.ci/run installs it)")

@@ -49,6 +49,23 @@ def test_grid_values_parse():
     assert _grid().size == 8
 
 
+def test_subsample_seed_is_an_axis_of_its_own(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("methods: erm_cnn\ndatasets: [cifar10lt, synthetic]\nrho: 100\nseeds: 0-2\n"
+                    "subsample_seeds: [0, 1]\n")
+    grid = sw.build_grid(sw.load_grid_file(path))
+    assert grid.subsample_seeds == (0, 1) and grid.size == 12 and "x 2 subset seed(s)" in sw.grid_summary(grid)
+    plan = sw.plan_sweep(grid, tmp_path)
+    cifar = [j.config for j in plan.jobs.values() if j.config.dataset == "cifar10lt"]
+    assert sorted((c.seed, c.data["subsample_seed"]) for c in cifar) == [(s, k) for s in range(3) for k in (0, 1)]
+    default = resolve.make_config("erm_cnn", "cifar10lt", rho=100, seed=0)
+    assert default.run_id in plan.jobs  # subset seed 0 is the published subset: the same run as without the axis
+    assert len([j for j in plan.jobs.values() if j.config.dataset == "synthetic"]) == 3  # no such option there
+    assert any("subsample_seeds axis does not apply" in note for note in plan.notes)
+    assert sorted(sw.describe_job(j)["seed"] for j in plan.jobs.values() if j.config.dataset == "cifar10lt")[:2] == \
+        ["0", "0 (subset 1)"]
+
+
 def test_yaml_grid_with_method_scoped_sets_and_command_line_override(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text("methods: [erm_vit, deitlt]\ndatasets: cifar10lt,cifar100lt\nrho: [50, 100]\nseeds: 0-2\n"

@@ -89,7 +89,74 @@ def main() -> None:
         write_run("erm_vit", "cifar10lt", 50.0, seed, level=70.0)
     write_run("erm_vit", "cifar10lt", 50.0, 2, level=70.0, done=False)  # interrupted: excluded, footnoted
     write_run("erm_vit", "cifar100lt", 100.0, 0, level=35.0)  # one seed only: marked (n=1)
+    make_selection_runs()
 
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders with known curves, where the three selection rules pick three different epochs (tests/test_selection.py)
+
+SELECTION_ROOT = Path(__file__).resolve().parent / "selection" / "runs"
+TEST_CURVE = (50.0, 70.0, 60.0, 65.0)  # per evaluated epoch: final = epoch 4, oracle = epoch 2 (70)
+VAL_CURVE = (48.0, 60.0, 66.0, 62.0)  # val = epoch 3 (66), where test is 60
+# logit_adjust minus erm_cnn per (seed, subsample_seed) at the epochs final and val pick
+GAIN_FINAL = {(0, 0): 1.0, (1, 0): 2.0, (2, 0): 0.5, (0, 1): 1.5, (1, 1): 1.0, (2, 1): 2.0}
+GAIN_VAL = {(0, 0): -1.0, (1, 0): 0.5, (2, 0): 2.0, (0, 1): -0.5, (1, 1): 1.0, (2, 1): 0.0}
+
+
+def curve_offset(seed: int, subset: int) -> float:
+    return 0.5 * seed + 1.0 * subset
+
+
+def curves(method: str, seed: int, subset: int) -> tuple[list[float], list[float]]:
+    """(test top-1, val top-1) per epoch of one run."""
+    e = curve_offset(seed, subset)
+    test = [v + e for v in TEST_CURVE]
+    if method == "logit_adjust":
+        test = [test[0] + 1, test[1] + 1, test[2] + GAIN_VAL[seed, subset], test[3] + GAIN_FINAL[seed, subset]]
+    return test, [v + e for v in VAL_CURVE]
+
+
+def flat_metrics(top1: float) -> dict:
+    """Metrics of a head whose ten classes all score ``top1`` (1000 test images each)."""
+    return {"top1": top1, "per_class": [top1] * 10, "ece": 5.0, "counts": {"many": top1, "medium": top1, "few": None},
+            "paper": {"many": top1, "medium": top1, "few": top1}}
+
+
+def write_curve_run(method: str, seed: int, subset: int) -> None:
+    config = {"method": method, "dataset": "cifar10lt", "data": {"rho": 100.0, "subsample_seed": subset},
+              "hparams": {"epochs": 4, "eval_every": 1}, "seed": seed, "preset": "default",
+              "versions": {"schema": 1, "method": 1, "dataset": 1}}
+    run_id = RunConfig.from_dict(config).run_id
+    folder = SELECTION_ROOT / run_id
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    test, val = curves(method, seed, subset)
+    rows = [{"epoch": e, "eval": {"main": {k: v for k, v in flat_metrics(t).items() if k != "per_class"}},
+             "val": {"main": {k: v for k, v in flat_metrics(v).items() if k != "per_class"}}}
+            for e, (t, v) in enumerate(zip(test, val), start=1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    val_epoch, oracle_epoch = 1 + int(np.argmax(val)), 1 + int(np.argmax(test))
+    val_heads = {"main": {k: v for k, v in flat_metrics(max(val)).items() if k != "per_class"}}
+    result = {"run_id": run_id, "config": config, "method": method, "dataset": "cifar10lt",
+              "class_counts": counts("cifar10lt", 100.0),
+              "final": {"epoch": 4, "heads": {"main": flat_metrics(test[-1])}, "val_heads": {
+                  "main": {k: v for k, v in flat_metrics(val[-1]).items() if k != "per_class"}}},
+              "val": {"epoch": val_epoch, "heads": {"main": flat_metrics(test[val_epoch - 1])}, "val_heads": val_heads},
+              "best": {"epoch": oracle_epoch, "heads": {"main": flat_metrics(test[oracle_epoch - 1])}},
+              "eval_class_counts": {"test": [1000] * 10, "val": [0] + [100] * 9},
+              "val_split": {"images": 900, "source": "spare CIFAR training images (invented for the golden runs)"},
+              "epoch_numbering": "1-based: epoch 1 is the first; an epoch field names the epoch just completed",
+              "eval_every": 1, "upstream": {}}
+    (folder / "result.json").write_text(json.dumps(result, sort_keys=True) + "\n")
+    (folder / "DONE").write_text("")
+
+
+def make_selection_runs() -> None:
+    shutil.rmtree(SELECTION_ROOT, ignore_errors=True)
+    for method in ("erm_cnn", "logit_adjust"):
+        for seed, subset in GAIN_FINAL:
+            write_curve_run(method, seed, subset)
