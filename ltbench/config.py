@@ -121,7 +121,7 @@ class TrainHparams:
         check(not layout or (len(layout) == 2 and min(layout) >= 1 and self.sched_per_step
                              and self.batch_size % (layout[0] * layout[1]) == 0),
               "sched_released_layout must be empty or (gpus, accum_iter) >= 1 dividing batch_size, with "
-              "sched_per_step=true")
+              "sched_per_step=true (--set sched_released_layout= switches it off)")
         check(self.optimizer in {"sgd", "adamw"}, f"optimizer must be sgd or adamw, not {self.optimizer!r}")
         check(self.sched in {"multistep", "cosine"}, f"sched must be multistep or cosine, not {self.sched!r}")
         check(self.sam_rho >= 0, "sam_rho must be >= 0")

@@ -59,7 +59,7 @@ if [ "$DRY" = 1 ]; then  # the same commands, made CPU-sized: synthetic data, on
               --set workers=0 --set data.n_max=100 --set data.n_test=4)  # rho 100 keeps one image of the rarest
   SHORT_ARGS=(--set deit:teacher_overrides=epochs=1 --set deitlt:teacher_overrides=epochs=1)
   DATASET=(--dataset synthetic --device cpu --workers 0)
-  STEPS_SMALL=2; STEPS_LARGE=1; COMPILE=(); GRAPHS=(); MICRO=(--micro-batch 2 --set batch_size=4 --set img_size=32)
+  STEPS_SMALL=2; STEPS_LARGE=1; COMPILE=(); GRAPHS=(); MICRO=(--micro-batch 2 --set batch_size=4 --set img_size=32 --set sched_released_layout=)
   CNN_BATCH=(--set batch_size=16)
   CAP_SCALE=4  # the CPU is slower than the GPU at everything
 else
