@@ -12,21 +12,13 @@ from pathlib import Path
 
 import click
 
-from ltbench import report as rp
-from ltbench import runset
-from ltbench.bench import bench, bench_pipeline, format_report
-from ltbench.cli_data import data
 from ltbench.cli_options import COMMON_RUN_OPTIONS, LOG_OPTION, LTGroup, make_runtime, runtime_options
-from ltbench.cli_runs import reproduce, sweep, tune
-from ltbench.console import console, doc_summary, err_console, print_listing, print_result, say
 from ltbench.errors import UserError
-from ltbench.plots import write_plots
-from ltbench.posthoc import auto_adjust, check_taus, posthoc_adjust
-from ltbench.records import find_run, posthoc_label, run_record, tau_key
-from ltbench.reevaluate import reevaluate
 from ltbench.registry import DATASETS, EVALUATORS, METHODS
-from ltbench.resolve import make_config
-from ltbench.stages import ensure_or_retry_eagerly
+from ltbench.terminal import console, doc_summary, err_console, print_listing, say
+
+# The commands import what they run inside their bodies: `ltbench --help`, `ltbench list` and a command's --help
+# then import neither torch nor timm nor pandas (tests/test_cli.py checks it).
 
 
 @click.group(cls=LTGroup)
@@ -47,6 +39,10 @@ def main(debug: bool) -> None:
 @runtime_options
 def run(method, dataset, rho, seed, preset, epochs, sets, save_logits, stop_after_epochs, **rt) -> None:
     """Train and evaluate one method on one dataset (resumes or reuses a run with the same config)."""
+    from ltbench.console import print_result
+    from ltbench.records import run_record
+    from ltbench.resolve import make_config
+    from ltbench.stages import ensure_or_retry_eagerly
 
     config = make_config(method, dataset, rho=rho, seed=seed, preset=preset, epochs=epochs, sets=sets)
     runtime = make_runtime(**rt, save_logits=save_logits, stop_after_epochs=stop_after_epochs)
@@ -81,6 +77,8 @@ main.add_command(run)
 @runtime_options
 def bench_(method, dataset, rho, seed, preset, epochs, sets, steps, warmup, as_json, pipeline, **rt) -> None:
     """Time the real training step: img/s end to end and model-only, data wait, TFLOP/s, memory, projection."""
+    from ltbench.bench import bench, bench_pipeline, format_report
+    from ltbench.resolve import make_config
 
     config = make_config(method, dataset, rho=rho, seed=seed, preset=preset, epochs=epochs, sets=sets)
     report = (bench_pipeline if pipeline else bench)(config, make_runtime(**rt), steps=steps, warmup=warmup)
@@ -106,6 +104,10 @@ for _opt in reversed(COMMON_RUN_OPTIONS):
 @runtime_options
 def eval_(run_ref, heads, recompute, taus, **rt) -> None:
     """Show or re-evaluate a finished or partial run (RUN is a run id, prefix or folder)."""
+    from ltbench.console import print_result
+    from ltbench.posthoc import auto_adjust, check_taus, posthoc_adjust
+    from ltbench.records import find_run, posthoc_label, tau_key
+    from ltbench.reevaluate import reevaluate
 
     runtime = make_runtime(**rt)
     auto = "auto" in taus
@@ -127,7 +129,6 @@ def eval_(run_ref, heads, recompute, taus, **rt) -> None:
                          all_heads=heads)
             say(f"post-hoc logit adjustment τ={tau_key(tau)} from {block['logits']} final logits -> "
                  f"{record.path / 'posthoc_la.json'}")
-
 
 
 def _tau(text: str) -> float:
@@ -176,6 +177,9 @@ def _tau(text: str) -> float:
 def report(results, fmt, split, metrics, select, baseline, ci, spread, heads, by, methods, datasets, compare, adjust,
            digits, out, plots_dir, standalone) -> None:
     """Tables of many/medium/few accuracy over seeds from the run folders (reads nothing else)."""
+    from ltbench import report as rp
+    from ltbench import runset
+    from ltbench.plots import write_plots
 
     metric_list = tuple(m.strip() for item in metrics for m in item.split(",") if m.strip()) or runset.DEFAULT_METRICS
     options = runset.ReportOptions(select=select, split=split, metrics=metric_list, heads=heads, by=tuple(by),
@@ -196,11 +200,6 @@ def report(results, fmt, split, metrics, select, baseline, ci, spread, heads, by
         say(f"wrote {len(files)} figure file(s) to {plots_dir}")
 
 
-
-
-
-
-
 @main.command(name="list")
 @click.argument("what", type=click.Choice(["methods", "datasets", "evaluators", "presets"]), default="methods")
 def list_(what: str) -> None:
@@ -215,12 +214,12 @@ def list_(what: str) -> None:
     print_listing(("name", "source", "description"), rows)
 
 
-
-
-
-
-
-main.add_command(sweep)
-main.add_command(reproduce)
-main.add_command(tune)
-main.add_command(data)
+main.lazy = {
+    "sweep": ("ltbench.cli_runs:sweep",
+              "Run a grid of methods x datasets x rho x seeds on Ray Tune; only what is not done yet is trained."),
+    "reproduce": ("ltbench.cli_runs:reproduce", "Train a reproduction SUITE (a shipped name or a YAML file) like a "
+                  "sweep, then check its published claims."),
+    "tune": ("ltbench.cli_runs:tune", "Search a method's hyperparameters on val with Ray Tune, retrain the best on "
+             "fresh seeds, report on test."),
+    "data": ("ltbench.cli_data:data", "Inspect, download or verify datasets."),
+}

@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
-from ltbench.console import err_console, say
 from ltbench.data import default_data_root
 from ltbench.errors import UserError
 from ltbench.runtime import Runtime, cli_fields
+from ltbench.terminal import err_console, say
 from ltbench.tracking import parse_backends
 
 COMMON_RUN_OPTIONS = [
@@ -82,6 +81,7 @@ def check_device(device: str) -> None:
     """Refuse a --device torch cannot use here, before any data is loaded."""
     if not DEVICE.fullmatch(device):
         raise UserError(f"--device {device!r} is not a device name: use auto, cpu, cuda, cuda:N or mps.")
+    import torch  # here, not at import: --help and listing need no torch
     if device.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
@@ -97,8 +97,36 @@ def check_device(device: str) -> None:
 class LTGroup(click.Group):
     """Turns UserError and OSError into a one-paragraph message and a non-zero exit, Ctrl-C into a resume hint.
 
-    ``--debug`` (or LTBENCH_DEBUG=1) shows the traceback instead.
+    ``--debug`` (or LTBENCH_DEBUG=1) shows the traceback instead. ``lazy`` names subcommands by
+    ``"module:attribute"`` with their one-line help: the module is imported only when the command runs or shows
+    its own help, so ``ltbench --help`` does not import what those commands need (Ray, pandas, torch).
     """
+
+    lazy: dict[str, tuple[str, str]] = {}
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx, name: str):
+        if name not in self.lazy or name in self.commands:
+            return super().get_command(ctx, name)
+        import importlib
+
+        module, _, attribute = self.lazy[name][0].partition(":")
+        command = getattr(importlib.import_module(module), attribute)
+        self.add_command(command, name)
+        return command
+
+    def format_commands(self, ctx, formatter) -> None:
+        from click.utils import make_default_short_help
+
+        names = [n for n in self.list_commands(ctx) if n in self.lazy or not self.commands[n].hidden]
+        limit = formatter.width - 6 - max(map(len, names), default=0)
+        rows = [(n, make_default_short_help(self.lazy[n][1], limit) if n in self.lazy and n not in self.commands
+                 else self.commands[n].get_short_help_str(limit)) for n in names]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx):
         debug = ctx.params.get("debug") or os.environ.get("LTBENCH_DEBUG", "") not in ("", "0")

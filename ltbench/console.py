@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import click
-from rich import box
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
@@ -28,10 +25,7 @@ from ltbench.launcher import SweepObserver
 from ltbench.records import run_state
 from ltbench.selection import RULE_TEXT, RULES, rule_block
 from ltbench.sweep import Job, SweepPlan, describe_job, num_text
-
-console = Console()
-err_console = Console(stderr=True)
-
+from ltbench.terminal import console, doc_summary, err_console, print_listing, say  # noqa: F401 (re-exported)
 
 # ----------------------------------------------------------------------------------------------
 # The live view of a sweep
@@ -204,11 +198,6 @@ def print_verdicts(suite, verdicts) -> None:
     console.print(table)
 
 
-def say(message: str, **style) -> None:
-    """A status line on stderr, unwrapped (log files and tests see it whole)."""
-    err_console.print(message, highlight=False, soft_wrap=True, **style)
-
-
 def print_jobs(jobs, title: str, extra: dict[str, dict[str, str]] | None = None) -> None:
     """An aligned plain-text table (it stays readable in logs and narrow terminals); ``extra`` adds columns
     per run id."""
@@ -250,34 +239,6 @@ def sweep_problems(outcome) -> int:
     if unfinished:
         say("Stopped by --stop-after-epochs: run the same command to continue.")
     return 0
-
-
-def print_listing(columns: tuple[str, ...], rows: list[tuple[str, ...]], title: str | None = None,
-                   right: tuple[str, ...] = ()) -> None:
-    """On a terminal, a table whose last column wraps inside itself; piped, one unwrapped line per row."""
-    if console.is_terminal:
-        table = Table(title=title, box=None if title is None else box.SIMPLE, show_header=title is not None,
-                      pad_edge=False)
-        for i, column in enumerate(columns):
-            table.add_column(column, no_wrap=i < len(columns) - 1, style="bold" if i == 0 else None,
-                             justify="right" if column in right else "left")
-        for row in rows:
-            table.add_row(*(Text(cell) for cell in row))  # docstrings and summaries are not rich markup
-        console.print(table, highlight=False)
-        return
-    shown = [columns, *rows] if title is not None else rows
-    widths = [max(len(row[i]) for row in shown) for i in range(len(columns) - 1)] if shown else []
-    for row in shown:
-        cells = [cell.rjust(w) if col in right else cell.ljust(w) for cell, w, col in zip(row, widths, columns)]
-        click.echo("  ".join([*cells, row[-1]]))
-
-
-def doc_summary(name: str, doc: str) -> str:
-    """A docstring's first line as plain text: RST roles and literals unwrapped, a leading ``name:`` dropped."""
-    lines = doc.strip().splitlines()
-    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", lines[0] if lines else "")
-    text = re.sub(r"``([^`]+)``", r"\1", text)
-    return text.removeprefix(f"{name}: ")
 
 
 def _fmt(value: Any) -> str:

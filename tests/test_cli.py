@@ -117,3 +117,25 @@ def test_registry_listing_reads_the_plugins_without_importing_the_training_stack
 
     loaded = [[[name, r.source(name), cls.__doc__ or ""] for name, cls in r] for r in (METHODS, DATASETS, EVALUATORS)]
     assert json.loads(done.stdout) == loaded and len(loaded[0]) >= 14
+
+
+def test_help_and_listing_do_not_import_the_training_stack():
+    """`ltbench --help`, `list`, and `run` / `report` --help import neither torch, timm, pandas nor Ray."""
+    code = ("import sys; from ltbench.cli import main\n"
+            "for args in (['--help'], ['list', 'methods'], ['list', 'datasets'], ['run', '--help'], "
+            "['report', '--help'], ['eval', '--help']):\n"
+            "    try:\n        main(args, standalone_mode=False)\n    except SystemExit:\n        pass\n"
+            "print(sorted({'torch', 'timm', 'pandas', 'ray'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert "sweep" in done.stdout and "reproduce" in done.stdout and "tune" in done.stdout
+
+
+def test_the_lazy_commands_help_lines_are_their_own():
+    """The one-line help `ltbench --help` shows for a lazily imported command is that command's own."""
+    from ltbench.cli import main
+
+    for name, (_, line) in main.lazy.items():
+        command = main.get_command(None, name)
+        assert command.get_short_help_str(limit=10**6) == line, name
