@@ -220,6 +220,7 @@ class Trainer:
         rows = [r for r in self.record.metrics(note=self.runtime.echo) if r["epoch"] <= self.start_epoch]
         if self.dist.is_main:
             self.record.write_metrics(rows)
+            self.record.sync_selected(ckpt, self.config)  # the selected weights a crash left out of step
         eval_loader, final = self._eval_loader(), None
         monitor = RunMonitor(rows, epochs=self.hp.epochs, steps_per_epoch=self.steps_per_epoch,
                              lr=lambda: self.optimizer.param_groups[0]["lr"], record=self.record, config=self.config,

@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("errors", "seeding", "data", "runtime", "config", "registry", "schemas", "atomic", "run_lock", "records",
-        "distributed", "models", "cnn", "losses", "sam", "analysis", "evaluate", "splits", "selection", "stats"),
+        "tune_records", "distributed", "models", "cnn", "losses", "sam", "analysis", "evaluate", "splits", "selection",
+        "stats"),
     1: ("augment", "gpu_recipe", "gpu_kernels", "gpu_randaugment", "gpu_augment", "portable", "image_cache", "verify",
         "tracking", "datasets.*"),  # inputs
     2: ("method", "resolve", "progress"),  # contracts
