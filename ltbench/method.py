@@ -29,6 +29,7 @@ from torch import nn
 
 from ltbench.config import RunConfig, TrainHparams
 from ltbench.errors import UserError
+from ltbench.exported import NetworkExport
 from ltbench.seeding import seed_hash
 
 if TYPE_CHECKING:
@@ -177,6 +178,14 @@ class Method:
     def diagnostics(self, x: torch.Tensor) -> dict[str, Any]:
         """Optional per-run analysis computed on a fixed evaluation subset."""
         return {}
+
+    # --- export ----------------------------------------------------------------------------
+    def export(self) -> NetworkExport:
+        """The trained network alone, for ``ltbench export``: a module that a factory of the model card rebuilds,
+        and how ``predict``'s heads come from it (:class:`ltbench.exported.NetworkExport`). The export checks on a
+        probe batch that it gives ``predict``'s logits before anything is written."""
+        raise UserError(f"Method {getattr(self, 'name', type(self).__name__)!r} cannot be exported: it does not "
+                        f"describe its network (Method.export, docs/plugins.md).")
 
 
 def compute_loss(method: Method, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
