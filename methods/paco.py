@@ -199,6 +199,12 @@ class PaCo(ERMCNN):
         network = assembled_classifier(self.hp.arch, self.model.backbone, self.model.fc, self.info.num_classes)
         return dataclasses.replace(super().export(), module=network)
 
+    def load_init(self, state, note) -> None:
+        """The query network from ``init``; the momentum encoder starts as its copy, as at the start of MoCo."""
+        super().load_init(state, note)
+        self.key.backbone.load_state_dict(self.model.backbone.state_dict())
+        self.key.projector.load_state_dict(self.model.projector.state_dict())
+
     def train_transform(self) -> Callable:
         if self.hp.augment == "imagenet":
             return augment.paco_imagenet_views(self.info, self.hp.img_size)
