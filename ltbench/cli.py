@@ -225,4 +225,6 @@ main.lazy = {
     "tune": ("ltbench.cli_runs:tune", "Search a method's hyperparameters on val with Ray Tune, retrain the best on "
              "fresh seeds, report on test."),
     "data": ("ltbench.cli_data:data", "Inspect, download or verify datasets."),
+    "export": ("ltbench.cli_models:export", "Write a run's network alone (safetensors) beside its model card; "
+               "ltbench.load_model(DIR) loads it."),
 }

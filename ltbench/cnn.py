@@ -13,6 +13,7 @@ about 0.46M parameters. ResNet-50 is torchvision's, trained from scratch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,14 @@ def classifier_head(kind: str, in_features: int, num_classes: int, kaiming: bool
     raise UserError(f"Unknown classifier {kind!r}. Choose one of: {', '.join(CLASSIFIERS)}.")
 
 
+CLASSIFIER_FACTORY = "ltbench.cnn.Classifier"
+
+
+def classifier_architecture(arch: str, num_classes: int, head: str = "linear") -> dict[str, Any]:
+    """How an export's card names a :class:`Classifier` (the call that rebuilds it)."""
+    return {"factory": CLASSIFIER_FACTORY, "kwargs": {"arch": arch, "num_classes": num_classes, "head": head}}
+
+
 class Classifier(nn.Module):
     """A backbone and a classifier on its pooled feature."""
 
@@ -147,3 +156,12 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.backbone(x))
+
+
+def assembled_classifier(arch: str, backbone_module: nn.Module, fc: nn.Module, num_classes: int,
+                         head: str = "linear") -> Classifier:
+    """A :class:`Classifier` holding existing modules: what ``Classifier(arch, num_classes, head)`` loads, e.g. PaCo's
+    query network without its projection, or a stage 2 on its frozen stage-1 backbone (for an export)."""
+    model = Classifier(arch, num_classes, head)
+    model.backbone, model.fc = backbone_module, fc
+    return model

@@ -94,6 +94,10 @@ class TrainHparams:
     # (gpus, accum_iter): read the per-step schedule where a released loop on that many GPUs, accumulating that many
     # iterations, last stepped it before each optimizer step (update_offsets); () = at the step itself
     sched_released_layout: tuple[int, ...] = engine_hook(())
+    # A local weights file to start from (ltbench.weights: a timm / torchvision checkpoint, a safetensors file or an
+    # ltbench export folder). The run id hashes the file's sha256 (init_sha256, which resolve computes), not its path.
+    init: str = engine_hook("")
+    init_sha256: str = engine_hook("")
 
     def validate(self) -> None:
         """Reject contradictory or out-of-range settings with a message that says which field."""
@@ -122,6 +126,7 @@ class TrainHparams:
                              and self.batch_size % (layout[0] * layout[1]) == 0),
               "sched_released_layout must be empty or (gpus, accum_iter) >= 1 dividing batch_size, with "
               "sched_per_step=true (--set sched_released_layout= switches it off)")
+        check(self.init or not self.init_sha256, "init_sha256 is computed from the file init names: set init=PATH")
         check(self.optimizer in {"sgd", "adamw"}, f"optimizer must be sgd or adamw, not {self.optimizer!r}")
         check(self.sched in {"multistep", "cosine"}, f"sched must be multistep or cosine, not {self.sched!r}")
         check(self.sam_rho >= 0, "sam_rho must be >= 0")
@@ -360,6 +365,11 @@ def _without_runtime_items(value: Any) -> Any:
     return value
 
 
+# Hyperparameters that say where a file is: the run id hashes the file's content instead (init -> init_sha256), so the
+# same file at another path is the same run and a changed file a new one.
+LOCATIONS = frozenset({"init"})
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that determines a run's numbers. Runtime choices (device, paths) are not part of it."""
@@ -382,10 +392,11 @@ class RunConfig:
         return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()[:12]
 
     def identity(self) -> dict[str, Any]:
-        """What the run id hashes: the configuration without runtime options (:data:`RUNTIME_OPTIONS`)."""
+        """What the run id hashes: the configuration without runtime options (:data:`RUNTIME_OPTIONS`) and file
+        locations (:data:`LOCATIONS`)."""
         payload = self.to_dict()
         payload["hparams"] = {k: _without_runtime_items(v) for k, v in payload["hparams"].items()
-                              if k not in RUNTIME_OPTIONS}
+                              if k not in RUNTIME_OPTIONS and k not in LOCATIONS}
         return payload
 
     def to_dict(self) -> dict[str, Any]:

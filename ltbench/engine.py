@@ -34,6 +34,7 @@ from ltbench.runtime import COMPILE_MODES, Runtime
 from ltbench.sam import SAM
 from ltbench.seeding import seed_everything, seed_hash
 from ltbench.selection import pick_oracle, pick_val, selection_fields, summary
+from ltbench.weights import read_init
 
 
 def autocast_dtype(device: torch.device, precision: str = "bf16") -> torch.dtype | None:
@@ -66,6 +67,8 @@ class Trainer:
         self.method = method_cls(hp, data.info, self.device, upstream)
         for module in self.method.state_modules().values():
             module.to(self.device)
+        if hp.init and not record.checkpoint_path.exists():  # before the optimizer and EMA; a resumed run restores
+            self.method.load_init(read_init(hp.init, hp.init_sha256), runtime.echo)
         # CUDA graphs replay only on a GPU; elsewhere the cudagraph modes compile like the others
         self.cuda_graphs = runtime.compile and COMPILE_MODES[runtime.compile_mode] and self.device.type == "cuda"
         self.optimizer = self._build_optimizer()
@@ -220,6 +223,7 @@ class Trainer:
         rows = [r for r in self.record.metrics(note=self.runtime.echo) if r["epoch"] <= self.start_epoch]
         if self.dist.is_main:
             self.record.write_metrics(rows)
+            self.record.sync_selected(ckpt, self.config)  # the selected weights a crash left out of step
         eval_loader, final = self._eval_loader(), None
         monitor = RunMonitor(rows, epochs=self.hp.epochs, steps_per_epoch=self.steps_per_epoch,
                              lr=lambda: self.optimizer.param_groups[0]["lr"], record=self.record, config=self.config,

@@ -29,7 +29,9 @@ from torch import nn
 
 from ltbench.config import RunConfig, TrainHparams
 from ltbench.errors import UserError
+from ltbench.exported import NetworkExport
 from ltbench.seeding import seed_hash
+from ltbench.weights import load_matching
 
 if TYPE_CHECKING:
     from ltbench.data import DatasetInfo
@@ -177,6 +179,20 @@ class Method:
     def diagnostics(self, x: torch.Tensor) -> dict[str, Any]:
         """Optional per-run analysis computed on a fixed evaluation subset."""
         return {}
+
+    # --- weights in and out ----------------------------------------------------------------
+    def export(self) -> NetworkExport:
+        """The trained network alone, for ``ltbench export``: a module that a factory of the model card rebuilds,
+        and how ``predict``'s heads come from it (:class:`ltbench.exported.NetworkExport`). The export checks on a
+        probe batch that it gives ``predict``'s logits before anything is written."""
+        raise UserError(f"Method {getattr(self, 'name', type(self).__name__)!r} cannot be exported: it does not "
+                        f"describe its network (Method.export, docs/plugins.md).")
+
+    def load_init(self, state: Mapping[str, torch.Tensor], note: Callable[[str], Any]) -> None:
+        """Start from the weights of the ``init`` file, before training: every tensor of ``state`` that fits
+        ``trainable()`` by name (:func:`ltbench.weights.load_matching`). A method that keeps a copy of its network
+        (PaCo's momentum encoder) copies them there too."""
+        load_matching(self.trainable(), state, self.info.num_classes, note, self.hp.init)
 
 
 def compute_loss(method: Method, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

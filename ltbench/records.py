@@ -1,7 +1,8 @@
 """Run folders: the only interface between training, sweeps and reports, and the only code that reads them.
 
 ``results/runs/<run_id>/`` holds ``config.json``, ``env.json``, ``metrics.jsonl`` (one line per
-epoch), ``checkpoint.pt`` (latest full state), ``result.json`` and ``DONE``. Every write is atomic
+epoch), ``checkpoint.pt`` (latest full state), the weights of the epochs the val and oracle rules chose
+(``val_weights_epochN.pt``, ``oracle_...``), ``result.json`` and ``DONE``. Every write is atomic
 (temporary file + rename) and ``DONE`` is written last, so a folder without it is never trusted.
 
 Epochs in these files count from 1, as people do: the ``epoch`` of a metrics line and of ``result.json``'s
@@ -18,7 +19,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,11 +33,13 @@ from ltbench.config import RunConfig, canonical_json
 from ltbench.errors import UserError
 from ltbench.run_lock import LOCK, locked
 from ltbench.selection import BLOCK
+from ltbench.tune_records import tune_dir, tune_manifests, write_tune_manifest  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     import torch
 
 CHECKPOINT = "checkpoint.pt"
+SELECTED_WEIGHTS = "{rule}_weights_epoch{epoch}.pt"  # the module weights of the epoch the val / oracle rule chose
 EPOCH_NUMBERING = "1-based: epoch 1 is the first; an epoch field names the epoch just completed"
 DONE = "DONE"
 RESULT = "result.json"
@@ -120,8 +123,10 @@ class RunRecord:
         atomic_write_bytes(self.path / METRICS, lines.encode())
 
     def write_checkpoint(self, state: dict[str, Any], config: RunConfig) -> None:
-        """The training state, with the run id and config hash it belongs to (checked when it is loaded)."""
+        """The training state, with the run id and config hash it belongs to (checked when it is loaded), then the
+        selected weights it names (:meth:`sync_selected`)."""
         atomic_torch_save(self.checkpoint_path, {**state, "origin": origin(config)})
+        self.sync_selected(state, config)
 
     def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
         """The latest checkpoint, None before the first epoch ends; an unreadable one, or one another run wrote
@@ -155,6 +160,44 @@ class RunRecord:
             return (f"this {what} was written by run {found.run_id} (config sha256 {found.config_sha256[:16]}...), "
                     f"not by run {self.run_id}: it was copied from another run's folder")
         return None
+
+    def sync_selected(self, state: Mapping[str, Any] | None, config: RunConfig) -> None:
+        """Keep the weights of the epochs the checkpoint ``state`` says the val and oracle rules chose: written from
+        its modules (no optimizer state) when it is of that epoch, also on resuming after a crash cut that write
+        short; deleted once no rule names their epoch (a resumed run ends with an uninterrupted one's files)."""
+        chosen = {self.path / SELECTED_WEIGHTS.format(rule=rule, epoch=block["epoch"]): (rule, block["epoch"])
+                  for rule, block in _selections(state).items() if block}
+        for path, (rule, epoch) in chosen.items():
+            if state and epoch == state["epoch"]:
+                atomic_torch_save(path, {"rule": rule, "epoch": epoch, "modules": state["modules"],
+                                         "origin": origin(config)})
+        for path in self.path.glob(SELECTED_WEIGHTS.format(rule="*", epoch="*")):
+            if path not in chosen:
+                path.unlink(missing_ok=True)
+
+    def selected_modules(self, rule: str, epoch: int) -> dict[str, Any]:
+        """The module weights (on the CPU) of the epoch the rule ``rule`` chose: the final checkpoint's for final,
+        else the file kept when the rule chose it. A missing, damaged or foreign file is a UserError."""
+        import torch
+
+        if rule == "final":
+            ckpt = self.load_checkpoint("cpu")
+            if ckpt is None or ckpt["epoch"] != epoch:
+                raise self.checkpoint_error(f"it is not the final epoch {epoch}'s")
+            return ckpt["modules"]
+        path = self.path / SELECTED_WEIGHTS.format(rule=rule, epoch=epoch)
+        fix = f"Export --select final instead, or retrain the run (move {self.path} away) to keep them."
+        if not path.is_file():
+            raise UserError(f"Run {self.run_id} keeps no weights of epoch {epoch}, the one --select {rule} reports "
+                            f"({path.name} is missing: the run was trained before ltbench kept them). {fix}")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged file
+            raise UserError(f"{path} cannot be read ({type(exc).__name__}). {fix}") from exc
+        problem = self.foreign(saved.get("origin"), "weights file") if isinstance(saved, dict) else "not a dict"
+        if problem or saved.get("epoch") != epoch or not isinstance(saved.get("modules"), dict):
+            raise UserError(f"{path} is not this run's weights of epoch {epoch} ({problem or 'damaged'}). {fix}")
+        return saved["modules"]
 
     def checkpoint_error(self, reason: str) -> UserError:
         """Never discard a checkpoint silently: say what is wrong and how to retrain from scratch."""
@@ -198,7 +241,7 @@ class RunRecord:
         except UserError as exc:
             return f"{exc}".rstrip(". ") + f"; {RESULT_FIX}"
         for name in names:
-            if name in digests and _sha256(self.path / name) != digests[name]:
+            if name in digests and file_sha256(self.path / name) != digests[name]:
                 return (f"its {name} was changed after the run finished (it no longer matches the sha256 DONE "
                         f"recorded). Restore the original; or, to re-evaluate the final checkpoint, {RESULT_FIX}")
         return None
@@ -265,7 +308,7 @@ class RunRecord:
     def mark_done(self) -> None:
         """DONE, holding the sha256 of the files the result summarises (``altered`` checks them)."""
         names = [n for n in (RESULT, METRICS, LOGITS_FILE) if (self.path / n).is_file()]
-        atomic_write_bytes(self.path / DONE, json_bytes({"sha256": {n: _sha256(self.path / n) for n in names}}))
+        atomic_write_bytes(self.path / DONE, json_bytes({"sha256": {n: file_sha256(self.path / n) for n in names}}))
 
     def write_env(self, session: dict[str, Any]) -> None:
         """Add this session's environment to env.json: one entry per session that trained the run, never
@@ -363,7 +406,8 @@ def origin(config: RunConfig) -> dict[str, str]:
             .hexdigest()}
 
 
-def _sha256(path: Path) -> str | None:
+def file_sha256(path: Path) -> str | None:
+    """The hex sha256 of a file's bytes, None when it cannot be read."""
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as fh:
@@ -372,6 +416,11 @@ def _sha256(path: Path) -> str | None:
     except OSError:
         return None
     return digest.hexdigest()
+
+
+def _selections(state: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A checkpoint's blocks of the val and oracle rules (None before the first evaluation)."""
+    return {"val": (state or {}).get("best_val"), "oracle": (state or {}).get("best")}
 
 
 def _no_block(rule: str, result: dict[str, Any]) -> str:
@@ -399,36 +448,6 @@ def epochs_logged(folder: Path) -> int:
             return sum(1 for line in fh if line.strip())
     except OSError:
         return 0
-
-
-TUNES = "tunes"
-TUNE_MANIFEST = "tune.json"
-
-
-def tune_dir(results: Path, tune_id: str) -> Path:
-    """``<results>/tunes/<tune_id>/``: Ray's files of a search and its manifest (ltbench.tuning)."""
-    return results / TUNES / tune_id
-
-
-def write_tune_manifest(results: Path, tune_id: str, payload: dict[str, Any]) -> Path:
-    path = tune_dir(results, tune_id) / TUNE_MANIFEST
-    atomic_write_json(path, payload)
-    return path
-
-
-def tune_manifests(results: Path) -> list[dict[str, Any]]:
-    """Every search's manifest under ``results`` (a damaged one is an error naming it)."""
-    out = []
-    for path in sorted((results / TUNES).glob(f"*/{TUNE_MANIFEST}")):
-        try:
-            payload = json.loads(path.read_text())
-            if not isinstance(payload, dict) or not isinstance(payload.get("trials"), list):
-                raise ValueError("no list of trials")
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{path} is not a readable tune manifest ({exc}); delete it and run the same "
-                            f"`ltbench tune` command again (its trials are reused).") from exc
-        out.append(payload)
-    return out
 
 
 def run_state(results: Path, run_id: str) -> tuple[str, int]:

@@ -7,7 +7,9 @@ itself. The result hashes to the run id (:class:`ltbench.config.RunConfig`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ltbench import config as cfgmod
@@ -15,6 +17,7 @@ from ltbench.config import RunConfig
 from ltbench.errors import UserError
 from ltbench.registry import DATASETS, METHODS
 from ltbench.runtime import RUNTIME_OPTIONS, option_name
+from ltbench.weights import weights_sha256
 
 if TYPE_CHECKING:
     from ltbench.data import Dataset
@@ -48,7 +51,7 @@ def make_config(method: str, dataset: str, *, rho: float | None = None, seed: in
     if preset not in method_cls.presets:
         presets = ", ".join(sorted(method_cls.presets))
         raise UserError(f"Method {method!r} has no preset {preset!r}. Presets: {presets}.")
-    hp = resolve_hparams(method_cls, preset, dataset, epochs, {**(hparams or {}), **set_hparams})
+    hp = with_init_digest(resolve_hparams(method_cls, preset, dataset, epochs, {**(hparams or {}), **set_hparams}))
     versions = {"schema": cfgmod.SCHEMA_VERSION, "method": method_cls.VERSION, "dataset": dataset_cls.VERSION}
     return RunConfig(method=method, dataset=dataset, data=cfgmod.hparams_dict(options), hparams=cfgmod.hparams_dict(hp),
                      seed=int(seed), preset=preset, versions=versions)
@@ -76,6 +79,15 @@ def resolve_hparams(method_cls: type[Method], preset: str, dataset: str, epochs:
     hp = apply_layer(hp, {**({"epochs": epochs} if epochs is not None else {}), **overrides}, what)
     hp.validate()
     return hp.without_inert()
+
+
+def with_init_digest(hp: Any) -> Any:
+    """``hp`` with ``init`` as an absolute path and ``init_sha256`` its file's digest, which the run id hashes
+    instead of the path (config.LOCATIONS); the file is checked to exist and be readable here, before any run."""
+    if not hp.init:
+        return hp
+    path = Path(hp.init).expanduser().resolve()
+    return dataclasses.replace(hp, init=str(path), init_sha256=weights_sha256(path))
 
 
 def preset_layers(preset: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Mapping[str, Any]]],

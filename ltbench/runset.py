@@ -17,7 +17,7 @@ from ltbench.config import uses_sam
 from ltbench.errors import UserError
 from ltbench.records import RunRecord, config_problem, posthoc_label, runs_dir, tau_key, tune_manifests
 from ltbench.runtime import RUNTIME_OPTIONS
-from ltbench.selection import BLOCK, RULES
+from ltbench.selection import BLOCK, RULES, rule_named
 
 METRICS = ("top1", "many", "medium", "few", "ece")
 DEFAULT_METRICS = ("top1", "many", "medium", "few")
@@ -57,10 +57,7 @@ class ReportOptions:
     baseline: str | None = None  # a row label (or method) every other row is compared with, paired by seed
 
     def __post_init__(self) -> None:
-        if self.select == "best":
-            raise UserError("--select best is now called --select oracle (it selects the epoch on the test set); the "
-                            "three rules are final, val and oracle (docs/protocol.md).")
-        choice("--select", self.select, RULES)
+        rule_named(self.select)
         choice("--split", self.split, ("counts", "paper"))
         choice("--spread", self.spread, ("std", "se"))
         for metric in self.metrics:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as ValidationError  # re-exported for the readers that catch it
@@ -110,6 +110,30 @@ class CheckpointOrigin(_Open):
 
     run_id: Annotated[str, Field(pattern=r"^[0-9a-f]{12}$")]
     config_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ExportArchitecture(_Open):
+    factory: str  # one of ltbench.exported.build_network's, nothing else is ever called
+    name: str | None = None  # the timm entry point, for timm.create_model
+    kwargs: dict[str, Any]
+
+
+class ExportCard(_Open):
+    """model_card.json of an export folder (ltbench.export): what ltbench.load_model rebuilds the network from."""
+
+    format: Literal["ltbench-export"]
+    format_version: Literal[1]
+    run_id: str
+    architecture: ExportArchitecture
+    input_size: Annotated[int, Field(ge=1)]
+    preprocessing: Annotated[list[dict[str, Any]], Field(min_length=1)]
+    class_names: list[str]
+    heads: Annotated[dict[str, str], Field(min_length=1)]
+    default_head: str
+    outputs: Literal["logits", "distilled"]
+    logit_scale: Finite | list[Finite] | None = None
+    logit_offset: list[Finite] | None = None
+    weights_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 def validated(model: type[M], payload: Any, file: Path | str, fix: str) -> M:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ltbench.data import LTData
+from ltbench.errors import UserError
 
 RULES = ("final", "val", "oracle")
 BLOCK = {"final": "final", "val": "val", "oracle": "best"}  # the result.json key of each rule's block
@@ -27,6 +28,16 @@ RULE_TEXT = {
               "optimistic, the protocol of LDAM-DRW's, PaCo's and DeiT-LT's released code)",
 }
 MAIN = "main"
+
+
+def rule_named(select: str) -> str:
+    """``select`` when it names a rule; ``best`` (the oracle rule's old name) and anything else are refused."""
+    if select == "best":
+        raise UserError("--select best is now called --select oracle (it selects the epoch on the test set); the "
+                        "three rules are final, val and oracle (docs/protocol.md).")
+    if select not in RULES:
+        raise UserError(f"--select {select!r} is not one of {', '.join(RULES)}.")
+    return select
 
 
 def summary(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from ltbench.methods.erm_cnn import ERMCNN, LARGE_DATASETS, CNNHparams
 from torch import nn
 
+from ltbench.cnn import assembled_classifier, classifier_architecture
 from ltbench.config import RunConfig, check
 from ltbench.errors import UserError
+from ltbench.exported import NetworkExport
 from ltbench.method import upstream_reference
 from ltbench.resolve import layered
 from ltbench.teacher import TEACHERS, FrozenTeacher, teacher_config
@@ -101,6 +103,19 @@ class Decoupled(ERMCNN):
 
     def describe(self) -> dict[str, Any]:
         return {}  # the network is stage 1's backbone plus this head; the run is not a standalone teacher
+
+    def export(self) -> NetworkExport:
+        """The frozen stage-1 backbone and this run's classifier as one plain Classifier."""
+        fc, kind, scale = self.export_head()
+        arch, n = self.stage1.hp.arch, self.info.num_classes
+        network = assembled_classifier(arch, self.backbone, fc, n, kind)
+        heads = {"main": f"{self.name}'s classifier on the frozen stage-1 feature"}
+        architecture = classifier_architecture(arch, n, kind)
+        return NetworkExport(network, architecture, self.hp.img_size, heads, logit_scale=scale)
+
+    def export_head(self) -> tuple[nn.Module, str, list[float] | None]:
+        """(the classifier module, its kind in cnn.CLASSIFIERS, per-class logit scales or None)."""
+        return self.model, "linear", None
 
 class CRT(Decoupled):
     """cRT: a re-initialised linear classifier trained on the frozen stage-1 features with class-balanced sampling."""

@@ -11,6 +11,7 @@ The teacher run is found by config hash in the results folder or trained first (
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -21,6 +22,7 @@ from ltbench.methods.erm_vit import VIT_PRESETS, ERMViT, ViTHparams
 
 from ltbench import analysis
 from ltbench.config import RunConfig, check
+from ltbench.exported import NetworkExport
 from ltbench.method import upstream_reference
 from ltbench.models import distilled_heads
 from ltbench.teacher import TEACHERS, FrozenTeacher, teacher_config
@@ -87,6 +89,11 @@ class DeiT(ERMViT):
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         cls_logits, dist_logits = self.heads(x)
         return {"main": (cls_logits + dist_logits) / 2, "cls": cls_logits, "dist": dist_logits}
+
+    def export(self) -> NetworkExport:
+        heads = {"main": "(CLS + DIST) / 2, the head the report shows", "cls": "the head on the CLS token",
+                 "dist": "the head on the DIST token (learnt from the teacher)"}
+        return dataclasses.replace(super().export(), outputs="distilled", heads=heads)
 
     def describe(self) -> dict[str, Any]:
         resize = "bicubic, " + ("antialiased" if self.hp.teacher_antialias else "no antialiasing")

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltbench import augment
-from ltbench.cnn import BACKBONES, CLASSIFIERS, Classifier
+from ltbench.cnn import BACKBONES, CLASSIFIERS, Classifier, classifier_architecture
 from ltbench.config import TrainHparams, check
+from ltbench.exported import NetworkExport
 from ltbench.method import Method
 from ltbench.resolve import layered
 
@@ -130,6 +131,10 @@ class ERMCNN(Method):
 
     # --- teacher role ----------------------------------------------------------------------
     teacher_logits = "the classifier on the pooled backbone feature"
+
+    def export(self) -> NetworkExport:
+        architecture = classifier_architecture(self.hp.arch, self.info.num_classes, self.hp.classifier)
+        return NetworkExport(self.model, architecture, self.hp.img_size, heads={"main": self.teacher_logits})
 
     def describe(self) -> dict[str, Any]:
         """What a student needs to rebuild and feed this run's network without typing shapes or paths."""

@@ -26,8 +26,9 @@ from timm.loss import SoftTargetCrossEntropy
 from ltbench import augment
 from ltbench.config import TrainHparams, check
 from ltbench.data import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo
+from ltbench.exported import NetworkExport
 from ltbench.method import Method
-from ltbench.models import vit
+from ltbench.models import vit, vit_architecture
 from ltbench.seeding import seed_hash
 
 
@@ -204,6 +205,13 @@ class ERMViT(Method):
 
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"main": self.model(x)}
+
+    def export(self) -> NetworkExport:
+        hp = self.hp
+        architecture = vit_architecture(num_classes=self.info.num_classes, img_size=hp.img_size,
+                                        patch_size=hp.patch_size, embed_dim=hp.embed_dim, depth=hp.depth,
+                                        num_heads=hp.num_heads, distilled=self.distilled)
+        return NetworkExport(self.model, architecture, hp.img_size, heads={"main": "the head on the CLS token"})
 
 
 def _smooth_one_hot(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:

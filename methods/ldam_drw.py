@@ -16,12 +16,14 @@ starting at 0-based epochs 0 / 5 / 60 / 75. Both SAM passes see the same margins
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from ltbench.methods.erm_cnn import ERMCNN, LARGE_DATASETS, SADDLE_LARGE, SHORT, TINY, CNNHparams
 
 from ltbench.config import check
+from ltbench.exported import NetworkExport
 from ltbench.losses import effective_number_weights, ldam_loss, ldam_margins
 from ltbench.resolve import layered
 
@@ -89,3 +91,6 @@ class LDAMDRW(ERMCNN):
 
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"main": self.hp.scale * self.model(x).float()}
+
+    def export(self) -> NetworkExport:
+        return dataclasses.replace(super().export(), logit_scale=float(self.hp.scale))

@@ -182,6 +182,10 @@ class LiVTPretrain(ERMViT):
     def describe(self) -> dict[str, Any]:
         return {"heads": {"main": "online linear probe on the detached pooled encoder features (a monitor)"}}
 
+    def export(self):
+        raise UserError("A livt_mgp run is a pretraining stage: its network is a masked autoencoder and its only head "
+                        "a monitoring probe, not a classifier to deploy. Export the livt run fine-tuned from it.")
+
 
 @dataclass
 class LiVTHparams(ViTHparams):

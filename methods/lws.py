@@ -30,3 +30,7 @@ class LWS(Decoupled):
 
     def build_head(self, stage1_fc: nn.Module) -> nn.Module:
         return ScaledClassifier(stage1_fc, self.info.num_classes)
+
+    def export_head(self) -> tuple[nn.Module, str, list[float] | None]:
+        """The stage-1 classifier; its learnt scales multiply the logits."""
+        return self.model.classifier, self.stage1.hp.classifier, self.model.scales.detach().tolist()

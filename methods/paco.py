@@ -35,6 +35,7 @@ value: 0.05-0.1 is the radius range Foret et al. and Saddle-LongTail use for los
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,8 +45,9 @@ from ltbench.methods.erm_cnn import ERMCNN, LARGE_DATASETS, TINY, CNNHparams
 from torch import nn
 
 from ltbench import augment
-from ltbench.cnn import backbone
+from ltbench.cnn import assembled_classifier, backbone
 from ltbench.config import check
+from ltbench.exported import NetworkExport
 from ltbench.losses import paco_loss
 from ltbench.resolve import layered
 
@@ -191,6 +193,17 @@ class PaCo(ERMCNN):
 
     def state_modules(self) -> dict[str, nn.Module]:
         return {"model": self.model, "key": self.key}
+
+    def export(self) -> NetworkExport:
+        """The query network's backbone and class centres as a plain Classifier (projection and keys only train)."""
+        network = assembled_classifier(self.hp.arch, self.model.backbone, self.model.fc, self.info.num_classes)
+        return dataclasses.replace(super().export(), module=network)
+
+    def load_init(self, state, note) -> None:
+        """The query network from ``init``; the momentum encoder starts as its copy, as at the start of MoCo."""
+        super().load_init(state, note)
+        self.key.backbone.load_state_dict(self.model.backbone.state_dict())
+        self.key.projector.load_state_dict(self.model.projector.state_dict())
 
     def train_transform(self) -> Callable:
         if self.hp.augment == "imagenet":

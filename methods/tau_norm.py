@@ -64,3 +64,10 @@ class TauNorm(Decoupled):
             raise UserError(f"tau_norm needs a stage-1 run with a linear classifier; {self.stage1.name} ends in "
                             f"{type(stage1_fc).__name__}, whose class vectors are already normalised.")
         return NormalisedClassifier(stage1_fc.weight, self.hp.tau)
+
+    def export_head(self) -> tuple[nn.Module, str, list[float] | None]:
+        """The rescaled class vectors as a linear layer with a zero bias (what a Classifier's fc holds)."""
+        weight = self.model.weight.detach()
+        linear = nn.Linear(weight.shape[1], weight.shape[0])
+        linear.load_state_dict({"weight": weight, "bias": torch.zeros(weight.shape[0])})
+        return linear, "linear", None

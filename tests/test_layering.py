@@ -14,16 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("errors", "seeding", "data", "runtime", "config", "registry", "schemas", "atomic", "run_lock", "records",
-        "distributed", "models", "cnn", "losses", "sam", "analysis", "evaluate", "splits", "selection", "stats"),
+        "tune_records", "distributed", "models", "cnn", "losses", "sam", "analysis", "evaluate", "splits", "selection",
+        "stats", "weights", "exported"),
     1: ("augment", "gpu_recipe", "gpu_kernels", "gpu_randaugment", "gpu_augment", "portable", "image_cache", "verify",
         "tracking", "datasets.*"),  # inputs
     2: ("method", "resolve", "progress"),  # contracts
     3: ("engine", "teacher"),  # training
     4: ("methods.*",),  # methods
-    5: ("stages", "bench", "reevaluate", "posthoc", "datainfo"),  # orchestration
+    5: ("stages", "bench", "reevaluate", "posthoc", "datainfo", "export"),  # orchestration
     6: ("sweep", "launcher", "tuning", "runset", "render", "compare", "report"),  # many runs
     7: ("projection", "reproduce", "verdict_files", "plots", "terminal", "console"),  # presentation
-    8: ("cli_options", "cli_data", "cli_runs", "cli", "__main__", "__init__"),  # the command line
+    8: ("cli_options", "cli_data", "cli_runs", "cli_models", "cli", "__main__", "__init__"),  # the command line
 }
 PACKAGES = {"methods": "methods", "datasets": "datasets"}  # folders installed as ltbench.methods, ltbench.datasets
 
