@@ -60,7 +60,8 @@ def sweep(grid_file, methods, datasets, rho, seeds, subsample_seeds, preset, epo
     The grid comes from the options or from GRID_FILE (YAML with keys methods, datasets, rho, seeds,
     subsample_seeds, preset, epochs, set); options given on the command line override the file's. Every run is an
     ordinary `ltbench run`: finished runs are skipped, interrupted ones resume, teachers train once before students.
-    `--set METHOD:KEY=VALUE` applies to one method of the grid only.
+    `--set METHOD:KEY=VALUE` applies to one method of the grid only; `--set KEY=A,B` (a tuple field:
+    `KEY=A,B|C,D`) and a YAML list make KEY an axis of the grid.
     """
 
     file_values = sw.load_grid_file(grid_file) if grid_file else None
