@@ -63,6 +63,24 @@ LOG_OPTION = click.option(
          "into the run folder. Does not change the run id.")
 
 
+YES_OPTION = click.option(
+    "--yes", is_flag=True,
+    help="Train even when a CPU run is projected past 1 h, without timing it (without --yes: a question on a "
+         "terminal, else a refusal).")
+
+
+def guard_long_run(configs: list, runtime: Runtime, yes: bool, what: str) -> None:
+    """Print the projected wall time of training ``configs`` (and their upstream runs) here; refuse or ask about a CPU
+    run past the limit (ltbench.preflight), before anything is written."""
+    from ltbench import preflight  # here: --help imports no torch
+
+    stages = preflight.stages_to_train(configs, runtime.results, runtime.stop_after_epochs)
+    projection = preflight.project(stages, runtime, timed=not yes)
+    say(projection.text(), style="dim")
+    ask = (lambda question: click.confirm(question, default=False, err=True)) if sys.stdin.isatty() else None
+    preflight.check_length(projection, yes, ask, what)
+
+
 def make_runtime(**options: Any) -> Runtime:
     """A Runtime from the runtime options (and a command's own, e.g. save_logits), paths made absolute."""
     check_device(options["device"])

@@ -232,7 +232,7 @@ class TuneOutcome:
 def run_tune(spec: TuneSpec, runtime: Runtime, resources: Resources | None = None) -> TuneOutcome:
     """Search, pick the best completed trial on val, retrain it on the final seeds; write the manifest."""
     check_spec(spec)
-    trial_config(spec, {d.name: _example(d) for d in spec.space}, spec.search_seed)  # a bad --set fails here
+    trial_config(spec, example_params(spec), spec.search_seed)  # a bad --set fails here
     resources = resources or Resources()
     started = start_ray(resources)
     try:
@@ -254,8 +254,9 @@ def run_tune(spec: TuneSpec, runtime: Runtime, resources: Resources | None = Non
     return outcome
 
 
-def _example(domain: Domain) -> Any:
-    return domain.args[0]
+def example_params(spec: TuneSpec) -> dict[str, Any]:
+    """A sample of the space (each domain's first bound or choice): what validates the spec before Ray starts."""
+    return {d.name: d.args[0] for d in spec.space}
 
 
 def _fit(spec: TuneSpec, runtime: Runtime, resources: Resources) -> Any:
@@ -295,7 +296,7 @@ def _scheduler(spec: TuneSpec) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    hp = trial_config(spec, {d.name: _example(d) for d in spec.space}, 0).hparams
+    hp = trial_config(spec, example_params(spec), 0).hparams
     evaluations = math.ceil(int(hp["epochs"]) / int(hp.get("eval_every") or 1))  # the reports a full trial makes
     return ASHAScheduler(time_attr="training_iteration", max_t=max(1, evaluations), grace_period=1,
                          reduction_factor=spec.reduction_factor)
