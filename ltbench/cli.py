@@ -8,6 +8,7 @@ share.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -59,7 +60,8 @@ def run(method, dataset, rho, seed, preset, epochs, sets, save_logits, stop_afte
 
     config = make_config(method, dataset, rho=rho, seed=seed, preset=preset, epochs=epochs, sets=sets)
     runtime = make_runtime(**rt, save_logits=save_logits, stop_after_epochs=stop_after_epochs)
-    say(recipe_line(config, runtime), style="dim")
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        say(recipe_line(config, runtime), style="dim")
     finished = run_record(runtime.results, config)
     if finished.done:
         finished.config(), finished.result()  # an edited folder is refused before it is said to be reused

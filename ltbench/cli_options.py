@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
+from ltbench.config import RunConfig
 from ltbench.data import default_data_root
 from ltbench.errors import UserError
 from ltbench.runtime import Runtime, cli_fields
@@ -69,9 +71,12 @@ YES_OPTION = click.option(
          "terminal, else a refusal).")
 
 
-def guard_long_run(configs: list, runtime: Runtime, yes: bool, what: str) -> None:
+def guard_long_run(configs: Sequence[RunConfig], runtime: Runtime, yes: bool, what: str) -> None:
     """Print the projected wall time of training ``configs`` (and their upstream runs) here; refuse or ask about a CPU
-    run past the limit (ltbench.preflight), before anything is written."""
+    run past the limit (ltbench.preflight), before anything is written. Not under torchrun: a multi-process launch
+    is deliberate, and ranks timing on their own could disagree and leave the others waiting."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
     from ltbench import preflight  # here: --help imports no torch
 
     stages = preflight.stages_to_train(configs, runtime.results, runtime.stop_after_epochs)
