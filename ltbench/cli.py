@@ -8,11 +8,20 @@ share.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
 
-from ltbench.cli_options import COMMON_RUN_OPTIONS, LOG_OPTION, LTGroup, make_runtime, runtime_options
+from ltbench.cli_options import (
+    COMMON_RUN_OPTIONS,
+    LOG_OPTION,
+    YES_OPTION,
+    LTGroup,
+    guard_long_run,
+    make_runtime,
+    runtime_options,
+)
 from ltbench.errors import UserError
 from ltbench.registry import DATASETS, EVALUATORS, METHODS
 from ltbench.terminal import console, doc_summary, err_console, print_listing, say
@@ -36,21 +45,30 @@ def main(debug: bool) -> None:
 @click.option("--stop-after-epochs", type=click.IntRange(min=1), default=None,
               help="Stop after N epochs, resumable (time-boxed jobs).")
 @LOG_OPTION
+@YES_OPTION
 @runtime_options
-def run(method, dataset, rho, seed, preset, epochs, sets, save_logits, stop_after_epochs, **rt) -> None:
-    """Train and evaluate one method on one dataset (resumes or reuses a run with the same config)."""
+def run(method, dataset, rho, seed, preset, epochs, sets, save_logits, stop_after_epochs, yes, **rt) -> None:
+    """Train and evaluate one method on one dataset (resumes or reuses a run with the same config).
+
+    It prints the resolved recipe and its projected wall time first; a CPU run projected past 1 h needs --yes.
+    """
     from ltbench import distributed
     from ltbench.console import print_result
+    from ltbench.preflight import recipe_line
     from ltbench.records import run_record
     from ltbench.resolve import make_config
     from ltbench.stages import ensure_or_retry_eagerly
 
     config = make_config(method, dataset, rho=rho, seed=seed, preset=preset, epochs=epochs, sets=sets)
     runtime = make_runtime(**rt, save_logits=save_logits, stop_after_epochs=stop_after_epochs)
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        say(recipe_line(config, runtime), style="dim")
     finished = run_record(runtime.results, config)
     if finished.done:
         finished.config(), finished.result()  # an edited folder is refused before it is said to be reused
         say(f"Run {config.run_id} already finished, nothing trained.")
+    else:
+        guard_long_run([config], runtime, yes, what=f"This run of {method}")
     record = ensure_or_retry_eagerly(config, runtime)
     if not distributed.context().is_main:
         return  # under torchrun rank 0 alone reports

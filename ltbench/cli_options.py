@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
+from ltbench.config import RunConfig
 from ltbench.data import default_data_root
 from ltbench.errors import UserError
 from ltbench.runtime import Runtime, cli_fields
@@ -61,6 +63,27 @@ LOG_OPTION = click.option(
     "--log", "log", multiple=True, callback=_log_backends, metavar="tensorboard|csv|wandb|mlflow",
     help="Also log each epoch to experiment trackers (repeatable or comma-separated); tensorboard and csv write "
          "into the run folder. Does not change the run id.")
+
+
+YES_OPTION = click.option(
+    "--yes", is_flag=True,
+    help="Train even when a CPU run is projected past 1 h, without timing it (without --yes: a question on a "
+         "terminal, else a refusal).")
+
+
+def guard_long_run(configs: Sequence[RunConfig], runtime: Runtime, yes: bool, what: str) -> None:
+    """Print the projected wall time of training ``configs`` (and their upstream runs) here; refuse or ask about a CPU
+    run past the limit (ltbench.preflight), before anything is written. Not under torchrun: a multi-process launch
+    is deliberate, and ranks timing on their own could disagree and leave the others waiting."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from ltbench import preflight  # here: --help imports no torch
+
+    stages = preflight.stages_to_train(configs, runtime.results, runtime.stop_after_epochs)
+    projection = preflight.project(stages, runtime, timed=not yes)
+    say(projection.text(), style="dim")
+    ask = (lambda question: click.confirm(question, default=False, err=True)) if sys.stdin.isatty() else None
+    preflight.check_length(projection, yes, ask, what)
 
 
 def make_runtime(**options: Any) -> Runtime:

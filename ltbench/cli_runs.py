@@ -16,7 +16,14 @@ from ltbench import report as rp
 from ltbench import reproduce as rpd
 from ltbench import sweep as sw
 from ltbench import tuning as tn
-from ltbench.cli_options import COMMON_RUN_OPTIONS, LOG_OPTION, make_runtime, runtime_options
+from ltbench.cli_options import (
+    COMMON_RUN_OPTIONS,
+    LOG_OPTION,
+    YES_OPTION,
+    guard_long_run,
+    make_runtime,
+    runtime_options,
+)
 from ltbench.console import (
     LiveView,
     device_text,
@@ -52,15 +59,18 @@ from ltbench.launcher import Resources, run_sweep
               help="Retries of a failed run before it is reported as failed (-1: retry forever, as in Ray).")
 @click.option("--dry-run", is_flag=True, help="Print the grid and what is already done; train nothing.")
 @LOG_OPTION
+@YES_OPTION
 @runtime_options
 def sweep(grid_file, methods, datasets, rho, seeds, subsample_seeds, preset, epochs, sets, save_logits,
-          stop_after_epochs, gpus_per_trial, cpus_per_trial, address, max_failures, dry_run, **rt) -> None:
+          stop_after_epochs, gpus_per_trial, cpus_per_trial, address, max_failures, dry_run, yes, **rt) -> None:
     """Run a grid of methods x datasets x rho x seeds on Ray Tune; only what is not done yet is trained.
 
     The grid comes from the options or from GRID_FILE (YAML with keys methods, datasets, rho, seeds,
     subsample_seeds, preset, epochs, set); options given on the command line override the file's. Every run is an
     ordinary `ltbench run`: finished runs are skipped, interrupted ones resume, teachers train once before students.
-    `--set METHOD:KEY=VALUE` applies to one method of the grid only.
+    `--set METHOD:KEY=VALUE` applies to one method of the grid only; `--set KEY=A,B` (a tuple field:
+    `KEY=A,B|C,D`) and a YAML list make KEY an axis of the grid. On a CPU, a sweep whose runs are projected past
+    1 h in all needs --yes.
     """
 
     file_values = sw.load_grid_file(grid_file) if grid_file else None
@@ -80,6 +90,7 @@ def sweep(grid_file, methods, datasets, rho, seeds, subsample_seeds, preset, epo
         say(f"Nothing to train: all {len(plan.jobs)} run(s) are done. Tables: ltbench report "
                           f"--results {plan.results}")
         return
+    guard_long_run([j.config for j in plan.todo()], runtime, yes, what=f"This sweep ({len(plan.todo())} runs to train)")
     resources = Resources(gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address,
                              max_failures=max_failures)
     say(f"Each run logs to {plan.results}/runs/<run id>/log.txt (and, prefixed with its run id, to Ray's own "
@@ -111,9 +122,10 @@ for _opt in reversed(COMMON_RUN_OPTIONS[1:]):  # --preset, --epochs, --set; swee
 @click.option("--address", default=None, help="Join this Ray cluster instead of starting a local Ray.")
 @click.option("--max-failures", type=click.IntRange(min=-1), default=None,
               help="Retries of a failed run (default: the suite's, else 1).")
+@YES_OPTION
 @runtime_options
 def reproduce(suite, list_suites, dry_run, no_train, datasets, epochs, sets, gpus_per_trial, cpus_per_trial, address,
-              max_failures, **rt) -> None:
+              max_failures, yes, **rt) -> None:
     """Train a reproduction SUITE (a shipped name or a YAML file) like a sweep, then check its published claims.
 
     Prints a verdict table (expectation, source, measured, expected, tolerance, PASS / FAIL / MISSING) and
@@ -143,6 +155,7 @@ def reproduce(suite, list_suites, dry_run, no_train, datasets, epochs, sets, gpu
         return
     started, code, trained_s = time.time(), 0, None
     if plan.todo() and not no_train:
+        guard_long_run([j.config for j in plan.todo()], runtime, yes, what=f"Suite {loaded.name}")
         resources = Resources(address=address, **resource_values)
         with LiveView(plan, err_console) as view:
             outcome = run_sweep(plan, runtime, resources, view)
@@ -214,9 +227,10 @@ def _sweep_epilogue(outcome) -> None:
               help="ASHA keeps the best 1/N of the trials at each evaluation rung.")
 @click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
 @click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=0, show_default=True)
+@YES_OPTION
 @runtime_options
 def tune(method, dataset, rho, space, space_file, objective, searcher, scheduler, trials, final_seeds, search_seed,
-         concurrent, reduction_factor, cpus_per_trial, gpus_per_trial, preset, epochs, sets, **rt) -> None:
+         concurrent, reduction_factor, cpus_per_trial, gpus_per_trial, yes, preset, epochs, sets, **rt) -> None:
     """Search a method's hyperparameters on val with Ray Tune, retrain the best on fresh seeds, report on test.
 
     The objective never reads the test split. The search's trials are listed apart by `ltbench report`.
@@ -229,6 +243,10 @@ def tune(method, dataset, rho, space, space_file, objective, searcher, scheduler
                        sets=tuple(sets), concurrent=concurrent, reduction_factor=reduction_factor)
     tn.check_spec(spec)
     runtime = make_runtime(**rt)
+    # one config per trial and final run, told apart by seed only so that each is counted (they cost the same)
+    runs = [tn.trial_config(spec, tn.example_params(spec), seed) for seed in range(trials + final_seeds)]
+    guard_long_run(runs, runtime, yes, what=f"This search ({trials} trials + {final_seeds} final runs, each projected "
+                                            f"as its first sample; ASHA stops some early)")
     say(f"tune {spec.tune_id}: {trials} trial(s) of {method} on {dataset} ({searcher}, {scheduler}), objective "
         f"{objective} on val; then {final_seeds} fresh seed(s) on test")
     outcome = tn.run_tune(spec, runtime, Resources(cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial))

@@ -256,6 +256,31 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+# One ``--set KEY=TEXT`` may give several values, an axis of a sweep (``ltbench run`` takes one).
+SWEEP_SEPARATOR = "|"
+SWEEP_RULE = ("A comma separates the values of a field that is not a tuple (lr=0.1,0.05 is two values); a tuple field "
+              "keeps its commas for its items (milestones=160,180 is one value) and takes | between values "
+              "(milestones=160,180|120,160 is two); | separates the values of any field.")
+
+
+def is_tuple_field(annotation: Any) -> bool:
+    """Whether a field holds a tuple (``tuple[int, ...]``, also ``tuple[int, ...] | None``)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(is_tuple_field(a) for a in typing.get_args(annotation))
+    return typing.get_origin(annotation) is tuple
+
+
+def set_values(text: str, annotation: Any) -> list[str]:
+    """The values of one ``--set KEY=TEXT`` for a field of this type, in order, repeats dropped (:data:`SWEEP_RULE`)."""
+    if SWEEP_SEPARATOR in text:
+        parts = text.split(SWEEP_SEPARATOR)
+    elif "," in text and not is_tuple_field(annotation):
+        parts = text.split(",")
+    else:
+        return [text]
+    return list(dict.fromkeys(part.strip() for part in parts))
+
+
 def coerce(value: Any, annotation: Any, key: str) -> Any:
     """Convert ``value`` (a string from the CLI or a JSON value) to the field's declared type."""
     origin = typing.get_origin(annotation)
@@ -270,7 +295,11 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
             value = [v for v in value.replace(" ", "").split(",") if v]
         if not isinstance(value, (list, tuple)):
             value = [value]
-        return tuple(coerce(v, item_type, key) for v in value)
+        try:
+            return tuple(coerce(v, item_type, key) for v in value)
+        except UserError as exc:  # e.g. milestones=160,180;120,160: say how a tuple field is written
+            raise UserError(f"{exc} {key} holds a tuple: a comma separates its items, | separates the values of "
+                            f"a sweep ({key}=A,B|C,D is two values).") from exc
     try:
         if annotation is bool:
             return _to_bool(value)

@@ -204,7 +204,10 @@ def print_jobs(jobs, title: str, extra: dict[str, dict[str, str]] | None = None)
     rows = [{**describe_job(j), **(extra or {}).get(j.run_id, {})} for j in jobs]
     if not rows:
         return
-    widths = {col: max(len(col), *(len(r[col]) for r in rows)) for col in rows[0]}
+    # a sweep's "set" column: only swept cells have it (not their teachers, listed first)
+    columns = list(dict.fromkeys(col for row in sorted(rows, key=len, reverse=True) for col in row))
+    rows = [{col: row.get(col, "-") for col in columns} for row in rows]
+    widths = {col: max(len(col), *(len(r[col]) for r in rows)) for col in columns}
     style = {"done": "green", "partial": "yellow", "failed": "red", "blocked": "red"}
     console.print(title, style="bold")
     console.print("  ".join(col.ljust(w) for col, w in widths.items()), style="dim")

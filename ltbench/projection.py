@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from ltbench import augment
-from ltbench.config import EVAL_BUDGET
+from ltbench.config import EVAL_BUDGET, RunConfig
 from ltbench.registry import DATASETS
 from ltbench.resolve import dataset_options, hparams_of
 from ltbench.sweep import Job
@@ -44,14 +44,27 @@ def projected_hours(job: Job, table: pd.DataFrame) -> float | None:
         return 0.0  # finished, or a method that trains nothing (tau_norm)
     rows = table[(table["network"] == network_of(job.config.hparams)) & (table["batch"] == hp.batch_size)]
     rows = rows[rows["method"].isin([job.config.method, "*"])].sort_values("method", key=lambda m: m == "*")
-    dataset_cls = DATASETS.get(job.config.dataset)
-    if rows.empty or not hasattr(dataset_cls, "train_counts"):
+    per_epoch = images_per_epoch(job.config, hp.sampler)
+    if rows.empty or per_epoch is None:
         return None
-    options = dataset_options(dataset_cls, None, dict(job.config.data))
-    counts = dataset_cls.train_counts(options)
-    per_epoch = augment.class_balanced_epoch(counts) if hp.sampler == "class_balanced" else sum(counts)
     images = per_epoch * epochs
     rate = float(rows["images_per_s"].iloc[0]) / (2 if hp.uses_sam else 1)
     return images / rate * (1 + EVAL_BUDGET) / 3600
+
+
+def train_counts(config: RunConfig) -> list[int] | None:
+    """The run's per-class training counts, known without reading its dataset (None for a file list)."""
+    dataset_cls = DATASETS.get(config.dataset)
+    if not hasattr(dataset_cls, "train_counts"):
+        return None
+    return list(dataset_cls.train_counts(dataset_options(dataset_cls, None, dict(config.data))))
+
+
+def images_per_epoch(config: RunConfig, sampler: str) -> int | None:
+    """Training images of one epoch (``max_c n_c x C`` when ``sampler`` is class_balanced)."""
+    counts = train_counts(config)
+    if counts is None:
+        return None
+    return augment.class_balanced_epoch(counts) if sampler == "class_balanced" else sum(counts)
 
 

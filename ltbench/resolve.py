@@ -39,6 +39,7 @@ def make_config(method: str, dataset: str, *, rho: float | None = None, seed: in
     """Resolve defaults < preset < ``epochs`` < ``--set`` into a validated, frozen :class:`RunConfig`."""
     method_cls: type[Method] = METHODS.get(method)
     dataset_cls: type[Dataset] = DATASETS.get(dataset)
+    refuse_several_values(method, dataset, sets)
     set_hparams, set_data = cfgmod.parse_set_options(sets)
     reject_runtime_sets(method_cls, set_hparams)
     defaults = {k: v for k, v in method_cls.data_defaults.get(dataset, {}).items()
@@ -55,6 +56,29 @@ def make_config(method: str, dataset: str, *, rho: float | None = None, seed: in
     versions = {"schema": cfgmod.SCHEMA_VERSION, "method": method_cls.VERSION, "dataset": dataset_cls.VERSION}
     return RunConfig(method=method, dataset=dataset, data=cfgmod.hparams_dict(options), hparams=cfgmod.hparams_dict(hp),
                      seed=int(seed), preset=preset, versions=versions)
+
+
+def set_item_values(method: str, dataset: str, item: str) -> list[str]:
+    """The ``KEY=VALUE`` items one ``--set`` item stands for, typed by the method's hyperparameter or the dataset's
+    option it names (:data:`ltbench.config.SWEEP_RULE`); an unknown key is left whole for :func:`make_config`."""
+    key, sep, text = item.partition("=")
+    name = key.strip()
+    owner = DATASETS.get(dataset).Options if name.startswith("data.") else METHODS.get(method).Hparams
+    annotation = cfgmod.field_types(owner).get(name.removeprefix("data."))
+    if not sep or annotation is None:
+        return [item]
+    return [f"{key}={value}" for value in cfgmod.set_values(text, annotation)]
+
+
+def refuse_several_values(method: str, dataset: str, sets: Iterable[str]) -> None:
+    """One run takes one value per key: a list is an axis of a sweep, never silently its first value."""
+    for item in sets:
+        values = set_item_values(method, dataset, item)
+        if len(values) > 1:
+            listed = ", ".join(v.partition("=")[2] for v in values)
+            raise UserError(f"--set {item} gives {len(values)} values ({listed}), but one run takes one value per "
+                            f"key: `ltbench sweep` makes such a list an axis of its grid (and `ltbench tune` "
+                            f"searches one with --space KEY=choice(...)). {cfgmod.SWEEP_RULE}")
 
 
 def reject_runtime_sets(method_cls: type[Method], keys: Iterable[str]) -> None:

@@ -16,17 +16,18 @@ by run id); ltbench's records stay in ``<results>/runs/``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ltbench.config import RunConfig
+from ltbench.config import SWEEP_SEPARATOR, RunConfig
 from ltbench.errors import UserError
 from ltbench.records import UNUSABLE_RUN_FIX, config_problem, find_run, run_state, runs_dir
 from ltbench.registry import DATASETS, METHODS
-from ltbench.resolve import make_config
+from ltbench.resolve import make_config, set_item_values
 from ltbench.schemas import grid_values, load_yaml
 
 GRID_KEYS = ("methods", "datasets", "rho", "seeds", "subsample_seeds", "preset", "epochs", "set")
@@ -58,11 +59,12 @@ class SweepGrid:
 
         if self.size > MAX_GRID_RUNS:
             raise UserError(f"The sweep grid has {self.size:,} cells, past the {MAX_GRID_RUNS:,} runs a sweep may "
-                            f"have (methods x datasets x rho x seeds); split it into smaller sweeps.")
+                            f"have (methods x datasets x rho x seeds x --set values); split it into smaller sweeps.")
 
     @property
     def size(self) -> int:
-        return len(self.methods) * len(self.datasets) * len(self.rhos) * len(self.seeds) * len(self.subsample_seeds)
+        per_cell = len(self.rhos) * len(self.seeds) * len(self.subsample_seeds)
+        return per_cell * sum(len(set_combinations(self, m, d)) for m in self.methods for d in self.datasets)
 
 
 def parse_list(text: str | Sequence[Any] | None, what: str) -> list[str]:
@@ -114,18 +116,25 @@ def parse_sets(value: Any) -> list[str]:
         items = []
         for key, item in value.items():
             if isinstance(item, Mapping):
-                items += [f"{key}:{k}={_yaml_scalar(v)}" for k, v in item.items()]
+                items += [f"{key}:{k}={yaml_set_text(v)}" for k, v in item.items()]
             else:
-                items.append(f"{key}={_yaml_scalar(item)}")
+                items.append(f"{key}={yaml_set_text(item)}")
         return items
     if isinstance(value, str):
         return [value]
     return [str(v) for v in value]
 
 
-def _yaml_scalar(value: Any) -> str:
+def yaml_set_text(value: Any) -> str:
+    """A YAML value as ``--set`` text: a list of lists is values of a tuple field, ``[[160, 180], [120]]`` ->
+    ``160,180|120``; a flat list is one tuple, or the values of any other field (config.SWEEP_RULE)."""
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (list, tuple)) for v in value):
+        if not all(isinstance(v, (list, tuple)) for v in value):
+            raise UserError(f"The YAML value {value!r:.80} mixes lists and single values: write a list of lists for "
+                            f"the values of a tuple field ([[160, 180], [120, 160]]), or one flat list.")
+        return SWEEP_SEPARATOR.join(yaml_set_text(v) for v in value)
     if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
+        return ",".join(yaml_set_text(v) for v in value)
     if isinstance(value, bool):
         return str(value).lower()
     return "none" if value is None else str(value)
@@ -178,6 +187,7 @@ class Job:
     needed_by: list[str] = field(default_factory=list)
     status: str = "new"  # done | partial | new
     epochs_done: int = 0
+    swept: tuple[str, ...] = ()  # this cell's values of the grid's --set axes, e.g. ("gamma=1",)
 
     @property
     def run_id(self) -> str:
@@ -187,7 +197,8 @@ class Job:
     def label(self) -> str:
         rho = self.config.data.get("rho")
         rho_text = f" rho={num_text(rho)}" if rho is not None else ""
-        return f"{self.config.method} / {self.config.dataset}{rho_text} / seed {self.config.seed}"
+        swept = "".join(f" / {item}" for item in self.swept)
+        return f"{self.config.method} / {self.config.dataset}{rho_text} / seed {self.config.seed}{swept}"
 
     @property
     def epochs(self) -> int:
@@ -268,13 +279,34 @@ def _plan_grid(grid: SweepGrid, results: Path, jobs: dict[str, Job], notes: list
             if subsets != (None,) and not hasattr(DATASETS.get(dataset).Options(), "subsample_seed"):
                 notes.append(f"{dataset} has no subset seed: the subsample_seeds axis does not apply to it.")
                 subsets = (None,)
-            for rho in rhos:
-                for seed in grid.seeds:
-                    for subset in subsets:
-                        config = make_config(method, dataset, rho=rho, seed=seed, preset=grid.preset,
-                                             epochs=grid.epochs, sets=sets_for(grid, method),
-                                             data_options={} if subset is None else {"subsample_seed": subset})
-                        _add_job(config, jobs, requested=True, results=results)
+            for rho, seed, subset, (sets, swept) in itertools.product(rhos, grid.seeds, subsets,
+                                                                        set_combinations(grid, method, dataset)):
+                config = make_config(method, dataset, rho=rho, seed=seed, preset=grid.preset, epochs=grid.epochs,
+                                     sets=sets, data_options={} if subset is None else {"subsample_seed": subset})
+                job = _add_job(config, jobs, requested=True, results=results)
+                job.swept = job.swept or swept
+
+
+def set_combinations(grid: SweepGrid, method: str, dataset: str) -> list[tuple[list[str], tuple[str, ...]]]:
+    """Every combination of the values of ``method``'s ``--set`` items on ``dataset``: (the ``--set`` items of one
+    run, the swept ones among them). An item with several values (``gamma=1,2``) is an axis (config.SWEEP_RULE)."""
+    choices = [set_item_values(method, dataset, item) for item in sets_for(grid, method)]
+    return [(list(combo), tuple(v for v, c in zip(combo, choices) if len(c) > 1))
+            for combo in itertools.product(*choices)]
+
+
+def set_axes(grid: SweepGrid) -> dict[str, list[str]]:
+    """The swept ``--set`` items of a grid and their values, ``{"cb_focal:gamma": ["1", "2"]}``."""
+    axes: dict[str, list[str]] = {}
+    for item in grid.sets:
+        scope, colon, rest = item.partition(":")
+        scoped = colon and "=" not in scope
+        for method in ([scope] if scope in grid.methods else []) if scoped else grid.methods:
+            values = set_item_values(method, grid.datasets[0], rest if scoped else item)
+            if len(values) > 1:
+                key = values[0].partition("=")[0].strip()
+                axes.setdefault(f"{scope}:{key}" if scoped else key, [v.partition("=")[2] for v in values])
+    return axes
 
 
 def sets_for(grid: SweepGrid, method: str) -> list[str]:
@@ -337,8 +369,9 @@ def describe_job(job: Job) -> dict[str, str]:
     rho = job.config.data.get("rho")
     role = "run" if job.requested else "upstream"
     progress = f"{job.epochs_done}/{job.epochs}" if job.status != "new" else f"0/{job.epochs}"
+    swept = {"set": " ".join(job.swept)} if job.swept else {}
     return {"run id": job.run_id, "method": job.config.method, "dataset": job.config.dataset,
-            "rho": num_text(rho) if rho is not None else "-", "seed": _seed_text(job.config), "role": role,
+            "rho": num_text(rho) if rho is not None else "-", "seed": _seed_text(job.config), **swept, "role": role,
             "wave": str(job.wave), "status": job.status, "epochs": progress}
 
 
@@ -358,8 +391,9 @@ def summarize(jobs: Iterable[Job]) -> str:
 def grid_summary(grid: SweepGrid) -> str:
     rhos = ",".join(num_text(r) for r in grid.rhos)
     subsets = "" if grid.subsample_seeds == (None,) else f" x {len(grid.subsample_seeds)} subset seed(s)"
+    axes = "".join(f" x {key} {' | '.join(values)} ({len(values)})" for key, values in set_axes(grid).items())
     return (f"{len(grid.methods)} method(s) x {len(grid.datasets)} dataset(s) x rho {rhos} x "
-            f"{len(grid.seeds)} seed(s){subsets} = {grid.size} cell(s)")
+            f"{len(grid.seeds)} seed(s){subsets}{axes} = {grid.size} cell(s)")
 
 
 def json_plan(plan: SweepPlan) -> str:

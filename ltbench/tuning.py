@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from ltbench import stages
-from ltbench.config import RunConfig, field_types, read_yaml_mapping
+from ltbench.config import SWEEP_SEPARATOR, RunConfig, field_types, read_yaml_mapping
 from ltbench.errors import UserError
 from ltbench.launcher import Resources, report_to_tune, start_ray, tagged_echo, trial_cpus
 from ltbench.records import run_record, tune_dir, write_tune_manifest
 from ltbench.registry import METHODS
 from ltbench.resolve import make_config
 from ltbench.runtime import RUNTIME_OPTIONS, Runtime
+from ltbench.sweep import yaml_set_text
 
 # objective name -> path in a metrics row's "val" block (main head)
 OBJECTIVES = {"val_top1": ("top1",), "val_many": ("counts", "many"), "val_medium": ("counts", "medium"),
@@ -97,7 +98,7 @@ _ITEM = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*[=:]\s*(\w+)\s*\((.*)\)\s*$")
 
 def parse_space(items: Sequence[str], file_values: Mapping[str, Any] | None = None) -> list[Domain]:
     """``NAME=KIND(ARGS)`` items and a YAML mapping ``NAME: KIND(ARGS)`` (or ``NAME: [choices]``) as domains."""
-    texts = [f"{k}=choice({','.join(map(str, v))})" if isinstance(v, list) else f"{k}={v}"
+    texts = [f"{k}=choice({yaml_set_text(v)})" if isinstance(v, list) else f"{k}={v}"
              for k, v in (file_values or {}).items()] + list(items)
     domains = {}
     for text in texts:
@@ -106,7 +107,9 @@ def parse_space(items: Sequence[str], file_values: Mapping[str, Any] | None = No
             raise UserError(f"Search range {text!r} is not NAME=KIND(ARGS) with KIND one of {', '.join(DISTRIBUTIONS)}"
                             f", e.g. lr=loguniform(1e-3,1e-1), tau=uniform(0.5,2), batch_size=choice(64,128).")
         name, kind, raw = match.groups()
-        args = tuple(_number(a.strip()) for a in raw.split(",") if a.strip())
+        # as in --set: | separates values that hold commas themselves, a tuple field's (choice(160,180|120))
+        args = tuple(_number(a.strip()) for a in raw.split(SWEEP_SEPARATOR if SWEEP_SEPARATOR in raw else ",")
+                     if a.strip())
         domains[name] = _checked(Domain(name, kind, args), text)
     if not domains:
         raise UserError("A search needs at least one range: --space lr=loguniform(1e-3,1e-1) or --space-file.")
@@ -230,7 +233,7 @@ class TuneOutcome:
 def run_tune(spec: TuneSpec, runtime: Runtime, resources: Resources | None = None) -> TuneOutcome:
     """Search, pick the best completed trial on val, retrain it on the final seeds; write the manifest."""
     check_spec(spec)
-    trial_config(spec, {d.name: _example(d) for d in spec.space}, spec.search_seed)  # a bad --set fails here
+    trial_config(spec, example_params(spec), spec.search_seed)  # a bad --set fails here
     resources = resources or Resources()
     started = start_ray(resources)
     try:
@@ -252,8 +255,9 @@ def run_tune(spec: TuneSpec, runtime: Runtime, resources: Resources | None = Non
     return outcome
 
 
-def _example(domain: Domain) -> Any:
-    return domain.args[0]
+def example_params(spec: TuneSpec) -> dict[str, Any]:
+    """A sample of the space (each domain's first bound or choice): what validates the spec before Ray starts."""
+    return {d.name: d.args[0] for d in spec.space}
 
 
 def _fit(spec: TuneSpec, runtime: Runtime, resources: Resources) -> Any:
@@ -293,7 +297,7 @@ def _scheduler(spec: TuneSpec) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    hp = trial_config(spec, {d.name: _example(d) for d in spec.space}, 0).hparams
+    hp = trial_config(spec, example_params(spec), 0).hparams
     evaluations = math.ceil(int(hp["epochs"]) / int(hp.get("eval_every") or 1))  # the reports a full trial makes
     return ASHAScheduler(time_attr="training_iteration", max_t=max(1, evaluations), grace_period=1,
                          reduction_factor=spec.reduction_factor)

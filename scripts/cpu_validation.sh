@@ -13,7 +13,8 @@ RES=${2:?results folder}
 LOG=$RES/logs
 mkdir -p "$LOG"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-D=(--dataset cifar10lt --rho 100 --data-root "$DATA" --results "$RES" --device cpu --workers 0 --quiet)
+# --yes: the 50-epoch CNN runs are projected past the hour a CPU run starts without asking
+D=(--dataset cifar10lt --rho 100 --data-root "$DATA" --results "$RES" --device cpu --workers 0 --quiet --yes)
 CNN=(--compile --augment-on device)
 run() { local name=$1; shift; local s; s=$(date +%s)
         ltbench run "${D[@]}" "$@" >"$LOG/$name.log" 2>&1; echo "rc=$? wall=$(( $(date +%s) - s ))s" >>"$LOG/$name.log"; }

@@ -56,7 +56,7 @@ trap pack EXIT
 
 if [ "$DRY" = 1 ]; then  # the same commands, made CPU-sized: synthetic data, one epoch, no compiling, no GPU
   SUITE_ARGS=(--datasets synthetic --epochs 1 --device cpu --gpus-per-trial 0 --cpus-per-trial 1 --no-compile
-              --set workers=0 --set data.n_max=100 --set data.n_test=4)  # rho 100 keeps one image of the rarest
+              --set workers=0 --set data.n_max=100 --set data.n_test=4 --yes)  # rho 100 keeps one image of the rarest
   SHORT_ARGS=(--set deit:teacher_overrides=epochs=1 --set deitlt:teacher_overrides=epochs=1)
   DATASET=(--dataset synthetic --device cpu --workers 0)
   STEPS_SMALL=2; STEPS_LARGE=1; COMPILE=(); GRAPHS=(); MICRO=(--micro-batch 2 --set batch_size=4 --set img_size=32 --set sched_released_layout=)
@@ -66,7 +66,7 @@ else
   [ -d "$DATA" ] || { echo "no data under $DATA: run the export command in this script's header and carry gpu/"; exit 2; }
   python3 -m pip install -q --no-deps --no-build-isolation -e . >"$V/logs/install.log" 2>&1 \
     || { echo "install failed"; tail -20 "$V/logs/install.log"; exit 1; }
-  SUITE_ARGS=(--data-root "$DATA"); SHORT_ARGS=()
+  SUITE_ARGS=(--data-root "$DATA" --yes); SHORT_ARGS=()  # --yes: never stopped by the CPU guard where no GPU shows
   DATASET=(--dataset cifar10lt --rho 100 --data-root "$DATA")
   STEPS_SMALL=100; STEPS_LARGE=10; COMPILE=(--compile); GRAPHS=(--compile --compile-mode reduce-overhead)
   MICRO=(--micro-batch 256); CNN_BATCH=(); CAP_SCALE=1

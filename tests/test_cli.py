@@ -56,8 +56,9 @@ def test_bad_input_is_a_clear_error(cli, tmp_path, args, message):
 
 
 def test_missing_data_is_a_clear_error(cli, tmp_path):
+    # --yes: the paper recipe on a CPU is refused first otherwise (tests/test_preflight.py)
     result = cli("run", "--method", "erm_vit", "--dataset", "cifar10lt", "--data-root", str(tmp_path / "nowhere"),
-                 "--results", str(tmp_path / "res"), expect=2)
+                 "--results", str(tmp_path / "res"), "--yes", expect=2)
     text = " ".join(result.output.split())
     assert "cifar-10-batches-py" in text and "--data-root" in text
 

@@ -339,8 +339,9 @@ def test_inert_hyperparameters_do_not_change_the_run_id():
 
 # ---------------------------------------------------------------------------------------------- 18
 def test_a_run_whose_data_fails_to_load_leaves_no_folder(tmp_path):
+    # --yes: the paper recipe on a CPU is refused before its data is read otherwise (tests/test_preflight.py)
     out = text_of(invoke("run", "--method", "erm_vit", "--dataset", "cifar10lt", "--data-root",
-                         str(tmp_path / "nowhere"), "--results", str(tmp_path / "res"), expect=2))
+                         str(tmp_path / "nowhere"), "--results", str(tmp_path / "res"), "--yes", expect=2))
     assert "cifar-10-batches-py" in out
     assert list((tmp_path / "res" / "runs").iterdir()) == []
 
