@@ -42,6 +42,18 @@ class DatasetInfo:
     # True when the stored images differ in size (file lists): evaluation then always resizes and crops.
     variable_size: bool = False
 
+    # extras a method or a teacher needs to be rebuilt without the data (the rest describe how the split was made)
+    PORTABLE_EXTRAS: ClassVar[tuple[str, ...]] = ("label_map",)
+
+    def portable(self) -> dict[str, Any]:
+        """What result.json keeps so that a run's network can be rebuilt without its dataset (``ltbench export``)."""
+        facts = {f: getattr(self, f) for f in ("name", "num_classes", "image_size", "variable_size")}
+        facts.update(train_counts=[int(c) for c in self.train_counts], mean=list(self.mean), std=list(self.std),
+                     class_names=list(self.class_names),
+                     paper_split=list(self.paper_split) if self.paper_split else None,
+                     extras={k: self.extras[k] for k in self.PORTABLE_EXTRAS if k in self.extras})
+        return facts
+
 
 @dataclass
 class InMemorySplit:

@@ -22,14 +22,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 import ltbench
+from ltbench import schemas
 from ltbench.config import RunConfig
+from ltbench.data import DatasetInfo
 from ltbench.errors import UserError
 from ltbench.exported import ExportedModel, NetworkExport, architecture_call, build_network, describe_transform
 from ltbench.losses import log_prior
 from ltbench.method import Method
 from ltbench.posthoc import RULE as POSTHOC_RULE
 from ltbench.posthoc import adjust_logits
-from ltbench.records import RunRecord, atomic_write_bytes, atomic_write_json, tau_key
+from ltbench.records import RESULT_FIX, RunRecord, atomic_write_bytes, atomic_write_json, tau_key
 from ltbench.registry import METHODS
 from ltbench.resolve import hparams_of
 from ltbench.runtime import Runtime
@@ -52,7 +54,7 @@ def export_run(record: RunRecord, runtime: Runtime, out: Path, select: str = "fi
         raise UserError(f"--out {out} is a file; give a folder (it is created if missing).")
     config = record.config()
     tested, tau = _tested(record, result, rule, adjust)
-    method = rebuilt_method(record, config, runtime, rule, rule_block(result, rule)["epoch"])
+    method = rebuilt_method(record, config, runtime, rule, rule_block(result, rule)["epoch"], result)
     network = method.export()
     offset = None if tau is None else (-tau * log_prior(result["class_counts"])).tolist()
     card = model_card(config, method, network, rule, tested, result, tau, offset)
@@ -63,9 +65,11 @@ def export_run(record: RunRecord, runtime: Runtime, out: Path, select: str = "fi
     return card
 
 
-def rebuilt_method(record: RunRecord, config: RunConfig, runtime: Runtime, rule: str, epoch: int) -> Method:
-    """The run's method on the CPU, in eval mode, with the weights of ``epoch`` (the one ``rule`` chose)."""
-    info = load_data(config, runtime).info
+def rebuilt_method(record: RunRecord, config: RunConfig, runtime: Runtime, rule: str, epoch: int,
+                   result: dict[str, Any]) -> Method:
+    """The run's method on the CPU, in eval mode, with the weights of ``epoch`` (the one ``rule`` chose); built from
+    the dataset facts result.json keeps, or, for older runs, from the dataset itself."""
+    info = recorded_dataset_info(record, result) or load_data(config, runtime).info
     method = METHODS.get(config.method)(hparams_of(config), info, torch.device("cpu"),
                                          resolve_upstream(config, runtime, train=False))
     modules = record.selected_modules(rule, epoch)
@@ -77,6 +81,17 @@ def rebuilt_method(record: RunRecord, config: RunConfig, runtime: Runtime, rule:
         raise UserError(f"The weights of run {record.run_id}'s epoch {epoch} do not fit its method "
                         f"({' '.join(str(exc).split())[:300]}).") from exc
     return method
+
+
+def recorded_dataset_info(record: RunRecord, result: dict[str, Any]) -> DatasetInfo | None:
+    """The dataset facts the run's result.json recorded, validated; None for runs trained before it kept them."""
+    if "dataset_info" not in result:
+        return None
+    block = schemas.validated(schemas.DatasetInfoBlock, result["dataset_info"],
+                              f"result.json of run {record.run_id} (dataset_info)", RESULT_FIX)
+    facts = block.model_dump()
+    return DatasetInfo(**{**facts, **{key: tuple(facts[key]) for key in ("train_counts", "mean", "std", "class_names")},
+                          "paper_split": tuple(block.paper_split) if block.paper_split else None})
 
 
 def model_card(config: RunConfig, method: Method, network: NetworkExport, rule: str, tested: dict[str, Any],

@@ -187,6 +187,8 @@ class RunRecord:
             return ckpt["modules"]
         path = self.path / SELECTED_WEIGHTS.format(rule=rule, epoch=epoch)
         fix = f"Export --select final instead, or retrain the run (move {self.path} away) to keep them."
+        if not path.is_file() and epoch == epochs_logged(self.path):  # the rule chose the last epoch: the checkpoint's
+            return self.selected_modules("final", epoch)
         if not path.is_file():
             raise UserError(f"Run {self.run_id} keeps no weights of epoch {epoch}, the one --select {rule} reports "
                             f"({path.name} is missing: the run was trained before ltbench kept them). {fix}")

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic import ValidationError as ValidationError  # re-exported for the readers that catch it
 
 from ltbench.errors import UserError
@@ -77,6 +77,28 @@ class ConfigFile(_Open):
     seed: int
     preset: str = "default"
     versions: dict[str, Any] = Field(default_factory=dict)
+
+
+class DatasetInfoBlock(_Open):
+    """result.json's ``dataset_info`` (:meth:`ltbench.data.DatasetInfo.portable`): the facts a method is built from."""
+
+    name: str
+    num_classes: Annotated[int, Field(ge=1)]
+    train_counts: list[Count]
+    image_size: Annotated[int, Field(ge=1)]
+    mean: Annotated[list[Finite], Field(min_length=3, max_length=3)]
+    std: Annotated[list[Finite], Field(min_length=3, max_length=3)]
+    class_names: list[str] = []
+    paper_split: Annotated[list[Count], Field(min_length=2, max_length=2)] | None = None
+    variable_size: bool = False
+    extras: dict[str, list[int]] = {}
+
+    @model_validator(mode="after")
+    def _one_count_per_class(self) -> DatasetInfoBlock:
+        if len(self.train_counts) != self.num_classes or len(self.class_names) not in (0, self.num_classes):
+            raise ValueError(f"{self.num_classes} classes but {len(self.train_counts)} train counts and "
+                             f"{len(self.class_names)} class names")
+        return self
 
 
 class TrainedResult(ResultFile):

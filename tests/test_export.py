@@ -248,3 +248,17 @@ def test_every_built_in_method_exports_what_its_predict_gives_or_says_why_not(re
                           None, None)
         check_reproduces(method, card, serialized(network, card))  # raises when the export differs
         assert set(card["heads"]) == ({"main", "cls", "dist"} if name in ("deit", "deitlt") else {"main"}), name
+
+
+def test_export_needs_no_dataset_and_refuses_damaged_dataset_facts(results, cnn, tmp_path, monkeypatch):
+    from ltbench import export
+
+    def no_data(*args):
+        raise AssertionError("export loaded the dataset")
+
+    monkeypatch.setattr(export, "load_data", no_data)  # result.json's dataset_info is enough
+    card = export.export_run(cnn, _runtime(results), tmp_path / "out")
+    assert card["class_counts"] == cnn.result()["class_counts"] and (tmp_path / "out" / WEIGHTS).is_file()
+    damaged = {**cnn.result(), "dataset_info": {**cnn.result()["dataset_info"], "train_counts": [1, 2]}}
+    with pytest.raises(UserError, match="dataset_info.*damaged|damaged.*train counts"):
+        export.recorded_dataset_info(cnn, damaged)
