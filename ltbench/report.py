@@ -284,7 +284,7 @@ def build_table(cells: pd.DataFrame, runs: RunSet, options: ReportOptions) -> Ta
     _bold_best(rows, [m for *_, m in columns], options.digits)
     groups = _groups(columns, data_labels(cells))
     return Table(_caption(options, usual_n, cells), groups, [METRIC_LABELS[m] for *_, m in columns], rows,
-                 _notes(runs, cells, options))
+                 _notes(runs, cells, options), _excluded_note(runs))
 
 
 def _rho_key(rho: float) -> float:
@@ -396,17 +396,21 @@ def _caption(options: ReportOptions, usual_n: int, cells: pd.DataFrame) -> str:
     return text
 
 
+def _excluded_note(runs: RunSet) -> list[str]:
+    if not runs.incomplete:
+        return []
+    by_cell: dict[str, list[str]] = {}
+    for run in runs.incomplete:
+        rho = "" if math.isnan(run["rho"]) else f" ρ={run['rho']:g}"
+        by_cell.setdefault(f"{run['method']} / {run['dataset']}{rho}", []).append(
+            f"seed {run['seed']}: {run['reason']}")
+    ordered = sorted(by_cell.items(), key=lambda kv: natural_key(kv[0]))
+    detail = "; ".join(f"{k} ({', '.join(v)})" for k, v in ordered)
+    return [f"Excluded {len(runs.incomplete)} incomplete run(s): {detail}."]
+
+
 def _notes(runs: RunSet, cells: pd.DataFrame, options: ReportOptions) -> list[str]:
     notes = []
-    if runs.incomplete:
-        by_cell: dict[str, list[str]] = {}
-        for run in runs.incomplete:
-            rho = "" if math.isnan(run["rho"]) else f" ρ={run['rho']:g}"
-            by_cell.setdefault(f"{run['method']} / {run['dataset']}{rho}", []).append(
-                f"seed {run['seed']}: {run['reason']}")
-        ordered = sorted(by_cell.items(), key=lambda kv: natural_key(kv[0]))
-        detail = "; ".join(f"{k} ({', '.join(v)})" for k, v in ordered)
-        notes.append(f"Excluded {len(runs.incomplete)} incomplete run(s): {detail}.")
     if runs.search:
         notes.append(search_note(runs.search))
     if any(flat.get("data.eval_split") == "val" for flat in runs.flat_configs.values()):
