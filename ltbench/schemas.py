@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as ValidationError  # re-exported for the readers that catch it
@@ -103,6 +103,18 @@ class PosthocFile(_Open):
     run_id: str
     rule: str
     taus: dict[str, EvaluatedEpoch]
+
+
+class VerdictRow(_Open):
+    verdict: Literal["PASS", "FAIL", "MISSING"]
+
+
+class VerdictFile(_Open):
+    """verdict.json of ``ltbench reproduce``: what ``reproduce --list`` shows of a suite's last call."""
+
+    suite: str
+    date: str
+    verdicts: list[VerdictRow]
 
 
 class CheckpointOrigin(_Open):
