@@ -200,7 +200,8 @@ def build_table(cells: pd.DataFrame, runs: RunSet, options: ReportOptions) -> Ta
             rows += _reference_rows(found, options)
     _bold_best(rows, [m for *_, m in columns], options.digits)
     groups = _groups(columns, data_labels(cells))
-    return Table(_caption(options, usual_n, cells), groups, [METRIC_LABELS[m] for *_, m in columns], rows,
+    caption = _caption(options, usual_n, cells, _settings_text(cells, runs, data_labels(cells)))
+    return Table(caption, groups, [METRIC_LABELS[m] for *_, m in columns], rows,
                  _notes(runs, cells, options), _excluded_note(runs))
 
 
@@ -225,12 +226,32 @@ def _table_columns(cells: pd.DataFrame) -> list[tuple[str, float, str, str]]:
 def _groups(columns: list[tuple[str, float, str, str]], labels: Mapping[tuple[str, str], str]) -> list[tuple[str, int]]:
     groups: list[tuple[str, int]] = []
     for ds, rk, data, _ in columns:
-        label = " ".join(part for part in (ds, "" if rk < 0 else f"ρ={rk:g}", labels[ds, data]) if part)
+        label = _column_label(ds, rk, labels[ds, data])
         if groups and groups[-1][0] == label:
             groups[-1] = (label, groups[-1][1] + 1)
         else:
             groups.append((label, 1))
     return groups
+
+
+def _column_label(dataset: str, rho_key: float, data_label: str) -> str:
+    return " ".join(part for part in (dataset, "" if rho_key < 0 else f"ρ={rho_key:g}", data_label) if part)
+
+
+def _settings_text(cells: pd.DataFrame, runs: RunSet, labels: Mapping[tuple[str, str], str]) -> str:
+    """For each row whose columns ran another preset or number of epochs: which column ran what. (A row label names
+    only the keys that differ inside one cell, so a row can hide that its columns ran different recipes.)"""
+    parts = []
+    for row, group in cells.groupby("row", sort=False):
+        settings: dict[str, list[str]] = {}
+        for cell in group.drop_duplicates(["dataset", "rho", "data"]).itertuples():
+            flat = runs.flat_configs[cell.run_ids.split(";")[0]]
+            setting = f"preset {flat.get('preset', '-')}, {flat.get('epochs', '-')} epochs"
+            column = _column_label(cell.dataset, _rho_key(cell.rho), labels[cell.dataset, cell.data])
+            settings.setdefault(setting, []).append(column)
+        if len(settings) > 1:
+            parts.append(f"{row}: " + "; ".join(f"{s} in {', '.join(c)}" for s, c in settings.items()))
+    return f"Columns ran different settings: {' | '.join(parts)}. " if parts else ""
 
 
 def _cell(cell: Any, options: ReportOptions, usual_n: int) -> Cell:
@@ -285,7 +306,7 @@ def _bold_best(rows: list[tuple[str, list[Cell], str]], metrics: list[str], digi
             cell.bold = round(value, digits) == best
 
 
-def _caption(options: ReportOptions, usual_n: int, cells: pd.DataFrame) -> str:
+def _caption(options: ReportOptions, usual_n: int, cells: pd.DataFrame, settings: str = "") -> str:
     spread = "standard deviation" if options.spread == "std" else "standard error"
     marked = " unless marked (n=k)" if (cells["n"] != usual_n).any() else ""
     metric_text = "Accuracy (%)" if set(options.metrics) - {"ece"} else "Expected calibration error (%)"
@@ -309,7 +330,7 @@ def _caption(options: ReportOptions, usual_n: int, cells: pd.DataFrame) -> str:
                  f"interval contains 0 (not significant). ")
     if options.select == "oracle":
         text += "Oracle rows select on the test set; ↳ final and the gap show what that selection adds. "
-    text += "Bold: best per column; –: no finished run; n/a: the group has no class."
+    text += settings + "Bold: best per column; –: no finished run; n/a: the group has no class."
     return text
 
 

@@ -318,10 +318,11 @@ def test_per_class_plot_marks_the_groups_bands_the_seeds_and_labels_ticks_plainl
     assert [axes.xaxis.get_major_formatter()(v, 0) for v in (5, 200, 5000)] == ["5", "200", "5,000"]
 
 
-def _write_finished_run(results: Path, data: dict, seed: int, top1: float) -> None:
+def _write_finished_run(results: Path, data: dict, seed: int, top1: float, epochs: int = 2,
+                        preset: str = "tiny") -> None:
     """A minimal finished run folder named by its config's hash, as the report requires."""
-    config = {"method": "erm_cnn", "dataset": "synthetic", "data": data, "hparams": {"epochs": 2}, "seed": seed,
-              "preset": "tiny", "versions": {"schema": 1, "method": 1, "dataset": 1}}
+    config = {"method": "erm_cnn", "dataset": "synthetic", "data": data, "hparams": {"epochs": epochs}, "seed": seed,
+              "preset": preset, "versions": {"schema": 1, "method": 1, "dataset": 1}}
     folder = results / "runs" / RunConfig.from_dict(config).run_id
     folder.mkdir(parents=True)
     groups = {"many": None, "medium": top1, "few": top1}
@@ -342,3 +343,13 @@ def test_runs_on_different_dataset_options_get_their_own_columns(tmp_path):
     [(label, cells, _)] = table.rows  # one row: the data options label columns, not rows
     assert label == "erm_cnn" and not any(cell.bold for cell in cells)  # nothing to compete with in a column
     assert [cells[0].text, cells[4].text] == ["30.50", "60.50"]
+
+
+def test_columns_that_ran_other_presets_or_epochs_say_so_in_the_caption(tmp_path):
+    _write_finished_run(tmp_path, {"rho": 10.0}, 0, 30.0)
+    _write_finished_run(tmp_path, {"rho": 100.0}, 0, 20.0, epochs=5, preset="short")
+    text = rp.report(tmp_path, "markdown")
+    assert "Columns ran different settings: erm_cnn: preset short, 5 epochs in synthetic ρ=100; preset tiny, " \
+           "2 epochs in synthetic ρ=10." in text
+    assert "| erm\\_cnn |" in text  # still one row: the caption, not the label, says it
+    assert "Columns ran different settings" not in render("markdown")  # the golden rows run one recipe each
