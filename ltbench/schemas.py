@@ -57,6 +57,7 @@ class ResultFile(_Open):
     final: EvaluatedEpoch | None = None
     best: EvaluatedEpoch | None = None
     class_counts: list[Count]
+    class_names: list[str] | None = None  # since 2026-12; [] when the dataset names none
     eval_every: Count | None = None
     device: str | None = None
     wall_time_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
