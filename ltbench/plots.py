@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ltbench.data import FEW_BELOW, MANY_ABOVE, SHOT_GROUPS
+from ltbench.html_page import PageFigure
 from ltbench.records import RunRecord, runs_dir
 from ltbench.registry import DATASETS, METHODS
 from ltbench.report import label_rows, natural_key
@@ -61,6 +62,16 @@ def write_plots(runs: RunSet, out_dir: Path, options: ReportOptions | None = Non
     for plot in make_plots(runs, options):
         written += _save(plot.figure, out_dir / plot.stem)
     return written
+
+
+def page_figures(runs: RunSet, options: ReportOptions | None = None) -> dict[str, list[PageFigure]]:
+    """Every figure as PNG for the HTML page, by dataset (the page's sections)."""
+    out: dict[str, list[PageFigure]] = {}
+    for plot in make_plots(runs, options):
+        axes = plot.figure.axes[0]
+        caption = plot.figure.get_suptitle().replace("\n", " ") if plot.kind == "curves" else axes.get_title()
+        out.setdefault(plot.dataset, []).append(PageFigure(plot.kind, caption, png_bytes(plot)))
+    return out
 
 
 def png_bytes(plot: Plot, dpi: int = 100) -> bytes:
@@ -117,9 +128,10 @@ def _mean_curve(runs: RunSet, run_ids: list[str], head: str) -> tuple[np.ndarray
     return np.asarray(counts, dtype=float)[order], mean[order], std[order]
 
 
-def _line_style(i: int) -> dict[str, Any]:
+def _line_style(i: int, points: int = 0) -> dict[str, Any]:
+    """The i-th curve's style; with many points (100 classes) a marker on every few of them only."""
     return {"linestyle": LINE_STYLES[i % len(LINE_STYLES)], "marker": MARKERS[i % len(MARKERS)], "markersize": 4,
-            "markerfacecolor": "none", "linewidth": 1.2}
+            "markerfacecolor": "none", "linewidth": 1.2, "markevery": max(1, points // 12) if points > 25 else None}
 
 
 def _per_class_figure(runs: RunSet, cell, title: str):
@@ -132,7 +144,7 @@ def _per_class_figure(runs: RunSet, cell, title: str):
         if curve is not None:
             counts, mean, std = curve
             label = f"{_display_row(row, members['method'].iloc[0])} (n={len(run_ids)})"
-            (line,) = axes.plot(counts, mean, label=label, **_line_style(i))
+            (line,) = axes.plot(counts, mean, label=label, **_line_style(i, len(counts)))
             if not np.isnan(std).all():
                 axes.fill_between(counts, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
                 banded = True
@@ -181,7 +193,7 @@ def _heads_figure(runs: RunSet, group, title: str):
     for i, head in enumerate(HEAD_ORDER):
         curve = _mean_curve(runs, run_ids, head)
         if curve is not None:
-            axes.plot(*curve[:2], label=HEAD_LABELS[head], **_line_style(i))
+            axes.plot(*curve[:2], label=HEAD_LABELS[head], **_line_style(i, len(curve[0])))
     first = runs.per_class[run_ids[0]]
     _decorate(axes, f"{title}: CLS vs DIST head per class (mean over n={len(run_ids)})")
     _name_classes(axes, first["class_counts"] or [], first.get("class_names"))
@@ -203,7 +215,7 @@ def _curves_figure(runs: RunSet, run):
     figure = Figure(figsize=(7.2, 3.0), layout="constrained")
     loss_axes, acc_axes = figure.subplots(1, 2, sharex=True)
     if loss:
-        loss_axes.plot(*zip(*loss), **_line_style(0))
+        loss_axes.plot(*zip(*loss), **_line_style(0, len(loss)))
     loss_axes.set(xlabel="epoch", ylabel="mean training loss")
     heads = sorted({h for r in evaluated for h in r["eval"]}, key=lambda h: (HEAD_ORDER + (h,)).index(h))
     series = [(f"test, {HEAD_LABELS.get(h, h)}", "eval", h) for h in heads] + [("val, main", "val", "main")]
@@ -211,7 +223,7 @@ def _curves_figure(runs: RunSet, run):
         points = [(r["epoch"], _number(((r.get(block) or {}).get(head) or {}).get("top1"))) for r in rows
                   if isinstance(r.get(block), dict)]
         if points:
-            acc_axes.plot(*zip(*points), label=label, **_line_style(i))
+            acc_axes.plot(*zip(*points), label=label, **_line_style(i, len(points)))
     acc_axes.set(xlabel="epoch", ylabel="top-1 (%)")
     if acc_axes.lines:
         acc_axes.legend(fontsize=7)

@@ -1,4 +1,5 @@
-"""The report's renderers: one :class:`Table` structure as Markdown, LaTeX (booktabs), HTML, CSV and JSON."""
+"""The report's renderers: one :class:`Table` structure as Markdown, LaTeX (booktabs), CSV and JSON (the HTML page is
+:mod:`ltbench.html_page`)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class Table:
     notes: list[str]  # about the numbers: printed with the table in every format
     # about the runs behind the table (incomplete ones left out): for the author, so LaTeX keeps them out of the float
     warnings: list[str] = field(default_factory=list)
+    column_datasets: list[str] = field(default_factory=list)  # the dataset of each column (HTML's sections)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,31 +168,6 @@ def _latex_cell(cell: Cell) -> str:
     n = rf" \textsuperscript{{n={cell.n}}}" if cell.n is not None else ""
     suffix = rf" {{\scriptsize {latex_escape(_suffix(cell).strip())}}}" if _suffix(cell) else ""
     return mean + spread + suffix + n
-
-
-def render_html(table: Table) -> str:
-    from html import escape
-
-    head1 = "".join(f'<th colspan="{w}">{escape(g)}</th>' for g, w in table.groups)
-    head2 = "".join(f"<th>{escape(c)}</th>" for c in table.columns)
-    body = []
-    for label, cells, _ in table.rows:
-        tds = "".join(f'<td align="right">{_html_cell(c)}</td>' for c in cells)
-        body.append(f"<tr><td>{escape(label)}</td>{tds}</tr>")
-    notes = "".join(f"<p>{escape(n)}</p>" for n in table.notes)
-    return (f"<table>\n<caption>{escape(table.caption)}</caption>\n<thead>\n<tr><th rowspan=\"2\">method</th>{head1}"
-            f"</tr>\n<tr>{head2}</tr>\n</thead>\n<tbody>\n" + "\n".join(body) + f"\n</tbody>\n</table>\n{notes}\n")
-
-
-def _html_cell(cell: Cell) -> str:
-    if cell.missing:
-        return "–"
-    from html import escape
-
-    mean = f"<b>{escape(cell.text)}</b>" if cell.bold else escape(cell.text)
-    suffix = f" <small>{escape(_suffix(cell).strip())}</small>" if _suffix(cell) else ""
-    return mean + (f" ± {cell.spread}" if cell.spread else "") + suffix + (f" (n={cell.n})" if cell.n is not None
-                                                                          else "")
 
 
 def render_csv(cells: pd.DataFrame) -> str:

@@ -36,13 +36,14 @@ from ltbench.compare import (
     varies_subsets,
 )
 from ltbench.errors import UserError
+from ltbench.html_page import FigureSource, render_page
 from ltbench.paper_numbers import (  # noqa: F401 (condition_holds, match_reference: re-exported)
     add_reference,
     condition_holds,
     match_reference,
     reference_numbers,
 )
-from ltbench.render import Cell, Table, render_csv, render_html, render_json, render_latex, render_markdown
+from ltbench.render import Cell, Table, render_csv, render_json, render_latex, render_markdown
 from ltbench.runset import (
     FORMATS,
     LOWER_IS_BETTER,
@@ -202,7 +203,7 @@ def build_table(cells: pd.DataFrame, runs: RunSet, options: ReportOptions) -> Ta
     groups = _groups(columns, data_labels(cells))
     caption = _caption(options, usual_n, cells, _settings_text(cells, runs, data_labels(cells)))
     return Table(caption, groups, [METRIC_LABELS[m] for *_, m in columns], rows,
-                 _notes(runs, cells, options), _excluded_note(runs))
+                 _notes(runs, cells, options), _excluded_note(runs), [ds for ds, *_ in columns])
 
 
 def _rho_key(rho: float) -> float:
@@ -387,8 +388,11 @@ def _incomplete_hint(runs: RunSet) -> str:
 # The whole pipeline
 
 
-def report(results: Path, fmt: str = "markdown", options: ReportOptions | None = None) -> str:
-    """Load the run folders under ``results`` and render the table in ``fmt``."""
+def report(results: Path, fmt: str = "markdown", options: ReportOptions | None = None, *,
+           figures: FigureSource | None = None, page_dir: Path | None = None) -> str:
+    """Load the run folders under ``results`` and render the table in ``fmt``. HTML only: ``figures`` draws the
+    figures the page embeds (``ltbench.plots.page_figures``; none without it), and links to the run folders are
+    relative to ``page_dir``, the folder the page is written to (absolute file URIs without it)."""
     options = options or ReportOptions()
     choice("--format", fmt, FORMATS)
     runs = load_runs(results, options)
@@ -404,5 +408,8 @@ def report(results: Path, fmt: str = "markdown", options: ReportOptions | None =
         return render_json(table, cells, runs, options)
     if fmt == "latex":
         return render_latex(table, standalone=options.standalone)
-    return {"markdown": render_markdown, "html": render_html}[fmt](table)
+    if fmt == "html":
+        return render_page(table, runs, label_rows(runs, options.by), figures(runs, options) if figures else {},
+                           page_dir)
+    return render_markdown(table)
 

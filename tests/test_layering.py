@@ -21,7 +21,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
     3: ("engine", "teacher"),  # training
     4: ("methods.*",),  # methods
     5: ("stages", "bench", "reevaluate", "posthoc", "datainfo"),  # orchestration
-    6: ("sweep", "launcher", "tuning", "runset", "render", "compare", "paper_numbers", "report"),  # many runs
+    6: ("sweep", "launcher", "tuning", "runset", "render", "compare", "paper_numbers", "html_page",
+        "report"),  # many runs
     7: ("projection", "reproduce", "verdict_files", "plots", "terminal", "console"),  # presentation
     8: ("cli_options", "cli_data", "cli_runs", "cli", "__main__", "__init__"),  # the command line
 }
