@@ -208,11 +208,11 @@ def print_jobs(jobs, title: str, extra: dict[str, dict[str, str]] | None = None)
         return
     widths = {col: max(len(col), *(len(r[col]) for r in rows)) for col in rows[0]}
     style = {"done": "green", "partial": "yellow", "failed": "red", "blocked": "red"}
-    console.print(title, style="bold", soft_wrap=True)  # soft_wrap: a row stays one line in a pipe
-    console.print("  ".join(col.ljust(w) for col, w in widths.items()), style="dim", soft_wrap=True)
+    console.print(title, style="bold")
+    console.print("  ".join(col.ljust(w) for col, w in widths.items()), style="dim")
     for row in rows:
         line = "  ".join(row[col].ljust(w) for col, w in widths.items())
-        console.print(line, style=style.get(row["status"]), soft_wrap=True)
+        console.print(line, style=style.get(row["status"]))
 
 
 def sweep_problems(outcome) -> int:
