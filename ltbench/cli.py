@@ -39,6 +39,7 @@ def main(debug: bool) -> None:
 @runtime_options
 def run(method, dataset, rho, seed, preset, epochs, sets, save_logits, stop_after_epochs, **rt) -> None:
     """Train and evaluate one method on one dataset (resumes or reuses a run with the same config)."""
+    from ltbench import distributed
     from ltbench.console import print_result
     from ltbench.records import run_record
     from ltbench.resolve import make_config
@@ -51,6 +52,8 @@ def run(method, dataset, rho, seed, preset, epochs, sets, save_logits, stop_afte
         finished.config(), finished.result()  # an edited folder is refused before it is said to be reused
         say(f"Run {config.run_id} already finished, nothing trained.")
     record = ensure_or_retry_eagerly(config, runtime)
+    if not distributed.context().is_main:
+        return  # under torchrun rank 0 alone reports
     if not record.done:
         err_console.print(f"Stopped after {stop_after_epochs} epoch(s); run the same command to resume {record.path}")
         return

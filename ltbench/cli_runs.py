@@ -82,6 +82,8 @@ def sweep(grid_file, methods, datasets, rho, seeds, subsample_seeds, preset, epo
         return
     resources = Resources(gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address,
                              max_failures=max_failures)
+    say(f"Each run logs to {plan.results}/runs/<run id>/log.txt (and, prefixed with its run id, to Ray's own "
+        f"logs).", style="dim")
     with LiveView(plan, err_console) as view:
         outcome = run_sweep(plan, runtime, resources, view)
     _sweep_epilogue(outcome)

@@ -22,7 +22,7 @@ from ltbench import projection, verdict_files
 from ltbench import reproduce as rpd
 from ltbench.compare import params_text
 from ltbench.launcher import SweepObserver
-from ltbench.records import run_state
+from ltbench.records import LOG, run_state, runs_dir
 from ltbench.selection import RULE_TEXT, RULES, rule_block
 from ltbench.sweep import Job, SweepPlan, describe_job, num_text
 from ltbench.terminal import console, doc_summary, err_console, print_listing, say  # noqa: F401 (re-exported)
@@ -225,13 +225,15 @@ def sweep_problems(outcome) -> int:
         print_jobs(unfinished, title=f"sweep {plan.sweep_id}: runs not done", extra=shown)
     for run_id, error in outcome.failed.items():
         say(f"[red]failed[/] {run_id} ({plan.jobs[run_id].label}): {escape(error)}")
-        say(f"  traceback: {outcome.tracebacks.get(run_id, 'see Ray logs')}", style="dim")
+        say(f"  its log: {runs_dir(plan.results) / run_id / LOG}; traceback: "
+            f"{outcome.tracebacks.get(run_id, 'see Ray logs')}", style="dim")
     for run_id, reason in outcome.blocked.items():
         say(f"[red]not started[/] {run_id} ({plan.jobs[run_id].label}): {escape(reason)}")
     for run_id, reason in outcome.waiting.items():
         say(f"waiting {run_id} ({plan.jobs[run_id].label}): {escape(reason)}")
     done = sum(j.status == "done" for j in plan.jobs.values())
-    say(f"{done}/{len(plan.jobs)} run(s) done; Ray's files: {plan.sweep_dir}")
+    say(f"{done}/{len(plan.jobs)} run(s) done; each run's log: {plan.results}/runs/<run id>/{LOG}; Ray's files: "
+        f"{plan.sweep_dir}")
     if outcome.failed or outcome.blocked:
         say("Fix the cause and run the same command again: finished runs are kept.")
         return 1

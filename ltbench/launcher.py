@@ -14,7 +14,7 @@ import dataclasses
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,11 +76,21 @@ def train_trial(params: dict[str, Any], configs: Mapping[str, dict], runtime: Ma
     if gpus > 1:  # Ray placed this trial on several GPUs: one process per GPU, as torchrun would
         ensure_data_parallel(configs[params["run_id"]], dict(runtime), gpus)
     # The Trainer seeds every RNG from config.seed inside this process, as in `ltbench run`.
-    record = stages.ensure_or_retry_eagerly(config, Runtime.from_portable(runtime))
+    record = stages.ensure_or_retry_eagerly(config, Runtime.from_portable(runtime, echo=tagged_echo(config.run_id)))
     metrics: dict[str, Any] = {"finished": record.done}  # not "done": Ray reserves that key
     if record.done:
         metrics["top1"] = record.result()["final"]["heads"]["main"]["top1"]
     report_to_tune(metrics)
+
+
+def tagged_echo(run_id: str) -> Callable[[str], None]:
+    """A trial's ``echo``: each line starts with its run id, so a Ray worker reused for several runs keeps them
+    apart in its log (each run's own lines are also in its folder's log.txt)."""
+
+    def echo(line: str) -> None:
+        print(f"[{run_id}] {line}", flush=True)
+
+    return echo
 
 
 def trial_cpus() -> int | None:

@@ -3,20 +3,25 @@
 On a terminal a live bar shows the epoch in progress and the ETA of the whole run, and every evaluated
 epoch leaves a line on screen. Anywhere else (a pipe, nohup, SLURM, CI, a sweep trial's log) or with
 ``--quiet`` there is no bar: every epoch prints one line (epoch, loss, lr, img/s, elapsed, ETA of the
-run) and evaluations print their results. The same rows go to the experiment trackers (``--log``).
+run) and evaluations print their results. The same rows go to the experiment trackers (``--log``), and every
+line a run prints also goes to its folder's ``log.txt`` (:class:`RunLog`), so a sweep trial's lines are found
+beside its results rather than in Ray's worker logs.
 """
 
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ltbench import tracking
+from ltbench.records import LOG
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +31,46 @@ if TYPE_CHECKING:
 
 # Where the bar draws and how a terminal is recognised; status lines go to stderr too (runtime.echo).
 stderr_console = Console(stderr=True)
+
+
+class RunLog:
+    """An ``echo`` that also appends to the run folder's ``log.txt``: lines said before the folder exists wait in
+    memory until :meth:`open`; each training session starts with a dated header line. Use as a context manager."""
+
+    def __init__(self, echo: Callable[[str], Any]) -> None:
+        self.echo = echo
+        self.pending: list[str] = []
+        self.file: Any = None
+
+    def __call__(self, line: str) -> None:
+        self.echo(line)
+        self._write(str(line))
+
+    def open(self, folder: Path, header: str) -> None:
+        """Start appending to ``folder/log.txt`` (the folder exists by now), with the lines said so far."""
+        self.file = (folder / LOG).open("a", encoding="utf-8")
+        self._write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {header}")
+        for line in self.pending:
+            self._write(line)
+        self.pending.clear()
+
+    def failed(self) -> None:
+        """Append the exception being handled, so a failed trial's log shows why it stopped."""
+        self._write(traceback.format_exc().rstrip())
+
+    def _write(self, line: str) -> None:
+        if self.file is None:
+            self.pending.append(line)
+            return
+        self.file.write(line + "\n")
+        self.file.flush()  # a killed run keeps every line it printed
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def clock(seconds: float) -> str:

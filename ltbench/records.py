@@ -45,6 +45,7 @@ EAGER_RETRY = "eager_retry.json"  # its compiled first epoch failed on CUDA, so 
 POSTHOC_FILE = "posthoc_la.json"  # post-hoc logit adjustment results (ltbench.posthoc)
 LOGITS_FILE = "test_logits.npz"  # the final test logits per head (--save-logits, or recomputed by posthoc)
 ENV = "env.json"  # one entry per session that trained the run
+LOG = "log.txt"  # every line the run printed, each training session appended (ltbench.progress.RunLog)
 RESULT_FIX = ("delete result.json and DONE, then run the same `ltbench run` command (it re-evaluates the final "
               "checkpoint)")
 UNUSABLE_RUN_FIX = "Restore its original config.json, or move the folder away (the same settings then train afresh)."

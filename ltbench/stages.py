@@ -30,6 +30,7 @@ from ltbench.engine import Trainer
 from ltbench.errors import UserError
 from ltbench.evaluate import DEFAULT_EVALUATOR
 from ltbench.method import Upstream
+from ltbench.progress import RunLog
 from ltbench.records import RunRecord, atomic_write_json, epochs_logged, find_run, run_record, run_state, runs_dir
 from ltbench.registry import DATASETS, EVALUATORS, METHODS
 from ltbench.resolve import hparams_of
@@ -134,17 +135,24 @@ def _check_standalone(config: RunConfig, role: str, upstream: RunConfig) -> None
 
 
 def train(config: RunConfig, record: RunRecord, runtime: Runtime, upstream: dict[str, Upstream]) -> None:
-    data = load_data(config, runtime)
     main = distributed.context().is_main
-    trainer = build_trainer(config, runtime, upstream, data=data, record=record)
-    _refuse_micro_batches_under_batchnorm(trainer)  # before anything is written
-    if main:
-        _write_metadata(config, record, runtime)
-        runtime.echo(f"Training {config.method} on {config.dataset} {dict(config.data)} seed {config.seed} "
-                     f"-> {record.path}")
-    result = trainer.fit()
-    if result and main:
-        record.mark_done()
+    with RunLog(runtime.echo) as log:  # rank 0 alone writes the run's log.txt
+        runtime = dataclasses.replace(runtime, echo=log if main else runtime.echo)
+        data = load_data(config, runtime)
+        trainer = build_trainer(config, runtime, upstream, data=data, record=record)
+        _refuse_micro_batches_under_batchnorm(trainer)  # before anything is written
+        if main:
+            _write_metadata(config, record, runtime)
+            log.open(record.path, f"training session of run {record.run_id} ({config.method} on {config.dataset})")
+            runtime.echo(f"Training {config.method} on {config.dataset} {dict(config.data)} seed {config.seed} "
+                         f"-> {record.path}")
+        try:
+            result = trainer.fit()
+        except BaseException:
+            log.failed()
+            raise
+        if result and main:
+            record.mark_done()
 
 
 def _refuse_micro_batches_under_batchnorm(trainer: Trainer) -> None:

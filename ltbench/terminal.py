@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import click
@@ -11,8 +12,20 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped (a log file, `| less`, CI), rich would wrap tables at 80 columns; there the width is unbounded unless
+# COLUMNS says otherwise, so each row stays one line. A terminal keeps its own width.
+PIPE_WIDTH = 10_000
+
+
+def _console(**options) -> Console:
+    made = Console(**options)
+    if not made.is_terminal and "COLUMNS" not in os.environ:
+        made.width = PIPE_WIDTH
+    return made
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 def say(message: str, **style) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 from ltbench import stages
 from ltbench.config import RunConfig, field_types, read_yaml_mapping
 from ltbench.errors import UserError
-from ltbench.launcher import Resources, report_to_tune, start_ray, trial_cpus
+from ltbench.launcher import Resources, report_to_tune, start_ray, tagged_echo, trial_cpus
 from ltbench.records import run_record, tune_dir, write_tune_manifest
 from ltbench.registry import METHODS
 from ltbench.resolve import make_config
@@ -199,7 +199,8 @@ def tune_trial(params: dict[str, Any], spec: TuneSpec, runtime: Mapping[str, Any
     stop it between two, leaving a resumable run folder."""
     config = trial_config(spec, params, spec.search_seed)
     chunk = Runtime.from_portable({**runtime, "threads": runtime.get("threads") or trial_cpus(),
-                                   "stop_after_epochs": int(config.hparams.get("eval_every") or 1)})
+                                   "stop_after_epochs": int(config.hparams.get("eval_every") or 1)},
+                                  echo=tagged_echo(config.run_id))
     reported = 0
     while True:
         record = stages.ensure(config, chunk)

@@ -50,9 +50,13 @@ def test_two_processes_match_one_and_an_interrupted_run_resumes(tmp_path):
     _run(tmp_path / "one", 1, "--epochs", "2")
     _run(tmp_path / "two", 2, "--epochs", "2", "--stop-after-epochs", "1")
     assert not any((tmp_path / "two" / "runs").glob("*/DONE"))
-    _run(tmp_path / "two", 2, "--epochs", "2")
+    finished = _run(tmp_path / "two", 2, "--epochs", "2")
     one, two = _assert_same(tmp_path / "one", tmp_path / "two")
     assert (one["processes"], two["processes"]) == (1, 2)
+    assert finished.stdout.count("run folder:") == 1  # the final table once, not once per rank
+    log = (_result(tmp_path / "two")[0] / "log.txt").read_text()
+    assert log.count("training session of run") == 2  # rank 0 alone logs; one header per session
+    assert "epoch 1/2" in log and "epoch 2/2" in log
 
 
 def test_resume_on_a_different_number_of_processes(tmp_path):

@@ -55,6 +55,8 @@ def test_a_piped_run_logs_every_epoch_and_writes_trackers_that_read_back(cli, tm
     assert thread_calls == [1]  # --threads reaches torch
 
     run_dir = next((tmp_path / "res" / "runs").iterdir())
+    log = (run_dir / "log.txt").read_text()  # every line the run printed, in its folder
+    assert "epoch 2/2" in log and "test after epoch 2: top-1" in log and f"-> {run_dir}" in log
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     events = read_tensorboard(run_dir / "tensorboard")
     assert [step for step, _ in events["train/loss"]] == [1, 2]
@@ -218,3 +220,47 @@ def _monitor(lines: list[str], epochs: int) -> progress.RunMonitor:
     """A monitor as the engine makes it, with the values a Trainer would pass."""
     return progress.RunMonitor([], epochs=epochs, steps_per_epoch=2, lr=lambda: 0.01, record=None, config=None,
                                progress=True, echo=lines.append)
+
+
+def test_a_run_log_keeps_the_lines_said_before_its_folder_existed_and_the_error_that_ended_it(tmp_path):
+    shown: list[str] = []
+    with progress.RunLog(shown.append) as log:
+        log("building the model")
+        log.open(tmp_path, "training session of run abc")
+        log("epoch 1/2  loss 1.0")
+        try:
+            raise RuntimeError("out of memory")
+        except RuntimeError:
+            log.failed()
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert shown == ["building the model", "epoch 1/2  loss 1.0"]  # the console sees each line once, at once
+    assert lines[0].startswith("--- ") and lines[0].endswith("training session of run abc")
+    assert lines[1:3] == ["building the model", "epoch 1/2  loss 1.0"]
+    assert lines[-1] == "RuntimeError: out of memory"
+
+
+def test_a_sweep_trial_prefixes_its_lines_with_its_run_id(capsys):
+    from ltbench.launcher import tagged_echo
+
+    tagged_echo("0123abcd")("epoch 1/2  loss 1.0")
+    assert capsys.readouterr().out == "[0123abcd] epoch 1/2  loss 1.0\n"
+
+
+def test_piped_tables_keep_each_row_on_one_line_and_a_terminal_keeps_its_width(monkeypatch):
+    from rich.table import Table
+
+    from ltbench import terminal
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    table = Table(title="erm_cnn on cifar10lt {'rho': 100.0, 'subsample_seed': 0} seed 0 (run 0123456789ab)")
+    for name in ("epoch", "head", "split", "top-1", "many", "medium", "few", "ECE", "a rather long column name"):
+        table.add_column(name)
+    table.add_row("final (200)", "main", "counts", "71.23", "90.10", "70.00", "55.55", "0.12", "x" * 40)
+    piped = terminal._console(file=io.StringIO())
+    piped.print(table)
+    lines = piped.file.getvalue().splitlines()
+    assert any("(run 0123456789ab)" in line for line in lines) and any("x" * 40 in line for line in lines)
+    assert max(len(line) for line in lines) > 80
+    assert terminal._console(file=io.StringIO(), force_terminal=True, width=100).width == 100
+    monkeypatch.setenv("COLUMNS", "60")
+    assert terminal._console(file=io.StringIO()).width == 60  # an explicit COLUMNS is obeyed

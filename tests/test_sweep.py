@@ -242,6 +242,9 @@ def test_sweep_completes_resumes_and_is_idempotent(cli, tmp_path, ray_token_noti
         assert lines[0] + "\n" == first_epoch[run.name]  # epoch 0 was kept, not retrained
         result = json.loads((run / "result.json").read_text())
         assert result["final"]["epoch"] == 2 and Path(result["run_id"]).name == run.name
+        log = (run / "log.txt").read_text()  # the trial's own lines, beside its results, across both sessions
+        assert log.count(f"training session of run {run.name}") == 2 and "Resuming" in log and "epoch 2/2" in log
+    assert "/runs/<run id>/log.txt" in second.output
     status = json.loads(next((tmp_path / "sweeps").glob("*/status.json")).read_text())
     assert {r["status"] for r in status["runs"].values()} == {"done"}
     # 3) A third call trains nothing and starts no Ray.
