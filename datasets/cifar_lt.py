@@ -257,6 +257,8 @@ class _CIFARLT(Dataset):
 class CIFAR10LT(_CIFARLT):
     """CIFAR-10-LT: 10 classes, n_max 5000; rho 100 keeps 12,406 training images."""
 
+    display_name = "CIFAR-10-LT"  # how papers write it (figure titles, legends)
+
     name = "cifar10lt"
     num_classes = 10
     folder = "cifar-10-batches-py"
@@ -272,6 +274,8 @@ class CIFAR10LT(_CIFARLT):
 
 class CIFAR100LT(_CIFARLT):
     """CIFAR-100-LT: 100 classes, n_max 500; rho 100 keeps 10,847 training images."""
+
+    display_name = "CIFAR-100-LT"  # how papers write it (figure titles, legends)
 
     name = "cifar100lt"
     num_classes = 100

@@ -179,7 +179,6 @@ class FileListLT(Dataset):
     Options = FileListOptions
     VERSION = 1
     folder: ClassVar[str]
-    title: ClassVar[str]
     splits: ClassVar[dict[str, SplitSpec]]
     num_classes: ClassVar[int]  # published class count (the loaded count comes from the train list)
     paper_split: ClassVar[tuple[int, int] | None]  # DeiT-LT index ranges, valid in the frequency-sorted space
@@ -221,7 +220,7 @@ class FileListLT(Dataset):
     def missing_message(cls, searched: list[Path], file: str) -> str:
         files = ", ".join(spec.file for spec in cls.splits.values())
         where = " nor in ".join(map(str, searched))
-        return (f"{cls.name}: the split list {file} was not found in {where}. {cls.title} is read from the "
+        return (f"{cls.name}: the split list {file} was not found in {where}. {cls.display_name} is read from the "
                 f"standard lists {files}, placed next to the image tree they point into ({cls.layout}). The lists "
                 f"come from {cls.source} and cannot be shipped with ltbench; docs/datasets.md lists the expected "
                 f"files and line counts. Point --data-root (or LTBENCH_DATA) at the folder that contains "
@@ -288,8 +287,8 @@ class FileListLT(Dataset):
         bad = out_of_range(listing.labels, num_classes)
         if len(bad):
             raise UserError(f"{listing.where(bad[0])}: label {listing.labels[bad[0]]} is out of range 0.."
-                            f"{num_classes - 1} ({what}). Use the lists of one release of {cls.title}, unmodified; "
-                            f"`ltbench data verify {cls.name}` lists every problem.")
+                            f"{num_classes - 1} ({what}). Use the lists of one release of {cls.display_name}, "
+                            f"unmodified; `ltbench data verify {cls.name}` lists every problem.")
 
     @classmethod
     def list_counts(cls, train: ListFile) -> np.ndarray:
@@ -297,7 +296,7 @@ class FileListLT(Dataset):
         (a subset of the first classes is allowed, which is what tests and quick experiments use)."""
         if len(train.labels) == 0:
             raise UserError(f"The train list {train.path} has no entries.")
-        cls.check_labels(train, cls.num_classes, f"{cls.title} has {cls.num_classes} classes")
+        cls.check_labels(train, cls.num_classes, f"{cls.display_name} has {cls.num_classes} classes")
         counts = np.bincount(train.labels)
         empty = np.flatnonzero(counts == 0)
         if len(empty):
@@ -319,7 +318,7 @@ class ImageNetLT(FileListLT):
 
     name = "imagenetlt"
     folder = "imagenet_lt"
-    title = "ImageNet-LT"
+    display_name = "ImageNet-LT"  # how papers write it (messages, figure titles, legends)
     splits = {
         "train": SplitSpec("ImageNet_LT_train.txt", 115_846, 1280, 5, ("train/",)),
         "val": SplitSpec("ImageNet_LT_val.txt", 20_000, 20, 20, ("train/",)),
@@ -338,7 +337,7 @@ class INat2018(FileListLT):
     name = "inat2018"
     Options = INatOptions
     folder = "inat2018"
-    title = "iNaturalist 2018"
+    display_name = "iNaturalist 2018"  # how papers write it (messages, figure titles, legends)
     splits = {
         "train": SplitSpec("iNaturalist18_train.txt", 437_513, 1000, 2, ("train_val2018/",)),
         "val": SplitSpec("iNaturalist18_val.txt", 24_426, 3, 3, ("train_val2018/",)),
@@ -382,7 +381,7 @@ class PlacesLT(FileListLT):
 
     name = "placeslt"
     folder = "places_lt"
-    title = "Places-LT"
+    display_name = "Places-LT"  # how papers write it (messages, figure titles, legends)
     splits = {
         "train": SplitSpec("Places_LT_train.txt", 62_500, 4980, 5, ("data_256/", "train/")),
         "val": SplitSpec("Places_LT_val.txt", 7_300, 20, 20, ()),

@@ -31,6 +31,8 @@ class SyntheticOptions:
 class SyntheticLT(Dataset):
     """``synthetic``: generated LT images with learnable class structure (no files needed)."""
 
+    display_name = "Synthetic-LT"  # how papers write it (figure titles, legends)
+
     name = "synthetic"
     Options = SyntheticOptions
     VERSION = 1

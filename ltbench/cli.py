@@ -163,7 +163,8 @@ def _tau(text: str) -> float:
 @click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
               help="Results folder holding runs/<run_id>/.")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "latex", "csv", "json", "html"]),
-              default="markdown", show_default=True)
+              default="markdown", show_default=True,
+              help="html: a self-contained page (a section per dataset, its figures, links to the run folders).")
 @click.option("--split", type=click.Choice(["counts", "paper"]), default="counts", show_default=True,
               help="many/medium/few by training counts (>100 / 20-100 / <20) or DeiT-LT's class-index ranges.")
 @click.option("--metric", "metrics", multiple=True, metavar="top1|many|medium|few|ece",
@@ -200,7 +201,7 @@ def report(results, fmt, split, metrics, select, baseline, ci, spread, heads, by
     """Tables of many/medium/few accuracy over seeds from the run folders (reads nothing else)."""
     from ltbench import report as rp
     from ltbench import runset
-    from ltbench.plots import write_plots
+    from ltbench.plots import page_figures, write_plots
 
     metric_list = tuple(m.strip() for item in metrics for m in item.split(",") if m.strip()) or runset.DEFAULT_METRICS
     options = runset.ReportOptions(select=select, split=split, metrics=metric_list, heads=heads, by=tuple(by),
@@ -208,7 +209,8 @@ def report(results, fmt, split, metrics, select, baseline, ci, spread, heads, by
                                datasets=tuple(datasets), standalone=standalone, ci=ci,
                                adjust=adjust if adjust in (None, "auto") else _tau(adjust),
                                baseline=baseline)
-    text = rp.report(results.resolve(), fmt, options)
+    page = {"figures": page_figures, "page_dir": out.parent if out else None} if fmt == "html" else {}
+    text = rp.report(results.resolve(), fmt, options, **page)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ltbench import projection
+from ltbench import projection, verdict_files
 from ltbench import reproduce as rpd
 from ltbench.compare import params_text
 from ltbench.launcher import SweepObserver
@@ -178,9 +178,11 @@ def list_suites(results: Path) -> None:
         hours = [projection.projected_hours(j, throughput) for j in plan.jobs.values()]
         known = sum(h for h in hours if h is not None)
         cost = "n/a (CPU)" if all(h is None for h in hours) else f"{known:.2f}" + ("+" if None in hours else "")
-        rows.append((name, str(len(plan.jobs)), str(len(suite.expectations)), cost, suite.summary))
+        rows.append((name, str(len(plan.jobs)), str(len(suite.expectations)), cost,
+                     verdict_files.last_verdict(results, name), suite.summary))
     numbers = ("runs", "expectations", "projected GPU h")
-    print_listing(("suite", *numbers, "description"), rows, "reproduction suites (ltbench reproduce SUITE)", numbers)
+    print_listing(("suite", *numbers, f"last verdict in {results}", "description"), rows,
+                  "reproduction suites (ltbench reproduce SUITE)", numbers)
     console.print(projection.PROJECTION_TEXT, style="dim", highlight=False)
 
 

@@ -102,6 +102,7 @@ class Dataset:
     """Base class of dataset plugins: declare ``Options`` and implement :meth:`load`."""
 
     name: ClassVar[str]
+    display_name: ClassVar[str] = ""  # how papers write it (figure titles); "" = the name
     VERSION: ClassVar[int] = 1
     Options: ClassVar[type] = DatasetOptions
 

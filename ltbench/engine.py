@@ -410,6 +410,7 @@ class Trainer:
             "method": self.config.method,
             "dataset": self.config.dataset,
             "class_counts": list(self.data.info.train_counts),
+            "class_names": list(self.data.info.class_names),  # figures label classes with them where they fit
             "dataset_info": self.data.info.portable(),  # so that `ltbench export` needs no dataset
             **selection_fields(self.hp.epochs, final, final_val, self.best, self.best_val, self.data),
             "epoch_numbering": EPOCH_NUMBERING,

@@ -79,6 +79,7 @@ class Method:
     """Base class of method plugins. Subclass, set ``Hparams`` and ``presets``, implement the hooks."""
 
     name: ClassVar[str]
+    display_name: ClassVar[str] = ""  # how papers write it (figure titles, legends); "" = the name
     # Part of every run id: bump it whenever a change to the method's code changes its numbers, or finished
     # runs of the old code are reused silently.
     VERSION: ClassVar[int] = 1

@@ -27,6 +27,7 @@ class Registry(Generic[T]):
         self._entries: dict[str, type[T]] = {}
         self._distributions: dict[str, str] = {}  # entry name -> the installed package that declared it
         self._discovered = False
+        self._display: dict[str, str] = {}
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
         """Class decorator: ``@METHODS.register("ldam_drw")``."""
@@ -108,6 +109,24 @@ class Registry(Generic[T]):
                 return [(name, source, doc) for name, (source, doc) in sorted(rows.items())]
         return [(name, self.source(name), cls.__doc__ or "") for name, cls in self]
 
+    def display_name(self, name: str) -> str:
+        """How papers write the entry (its class's ``display_name``, e.g. "LDAM-DRW"), or the name itself where the
+        class sets none. Read from the plugin's source where possible, as ``listing`` does, so that reports and
+        figures do not import the training stack."""
+        if name not in self._display:
+            self._display[name] = self._find_display_name(name) or name
+        return self._display[name]
+
+    def _find_display_name(self, name: str) -> str | None:
+        if name in self._entries:
+            return getattr(self._entries[name], "display_name", None)
+        for ep in entry_points(group=self.group, name=name):
+            node = _class_node(ep)
+            if node is None:  # compiled or generated: import it
+                return getattr(self.get(name), "display_name", None)
+            return _string_attribute(node, "display_name")
+        return None  # not installed (a report of runs from elsewhere): its name
+
     def refresh(self) -> None:
         """Re-read entry points (after installing a plugin package in the same process)."""
         self._discovered = False
@@ -119,6 +138,12 @@ def _source_label(distribution: str) -> str:
 
 def _source_docstring(ep: EntryPoint) -> str | None:
     """The docstring of the class an entry point names, from its module's source without running the module."""
+    node = _class_node(ep)
+    return None if node is None else ast.get_docstring(node, clean=False)
+
+
+def _class_node(ep: EntryPoint) -> ast.ClassDef | None:
+    """The class an entry point names, parsed from its module's source (None where the source cannot be read)."""
     try:
         spec = importlib.util.find_spec(ep.module)  # imports the parent packages only (light __init__ files)
         if spec is None or not spec.origin or not spec.origin.endswith(".py"):
@@ -127,9 +152,18 @@ def _source_docstring(ep: EntryPoint) -> str | None:
             tree = ast.parse(fh.read())
     except (ImportError, OSError, SyntaxError, ValueError):
         return None
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == ep.attr:
-            return ast.get_docstring(node, clean=False)
+    return next((node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == ep.attr), None)
+
+
+def _string_attribute(node: ast.ClassDef, attribute: str) -> str | None:
+    """A class attribute set to a string literal in the class body (``display_name = "LDAM-DRW"``), or None."""
+    for statement in node.body:
+        targets = statement.targets if isinstance(statement, ast.Assign) else \
+            [statement.target] if isinstance(statement, ast.AnnAssign) else []
+        value = getattr(statement, "value", None)
+        if any(isinstance(t, ast.Name) and t.id == attribute for t in targets) and isinstance(value, ast.Constant) \
+                and isinstance(value.value, str):
+            return value.value
     return None
 
 

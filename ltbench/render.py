@@ -1,4 +1,5 @@
-"""The report's renderers: one :class:`Table` structure as Markdown, LaTeX (booktabs), HTML, CSV and JSON."""
+"""The report's renderers: one :class:`Table` structure as Markdown, LaTeX (booktabs), CSV and JSON (the HTML page is
+:mod:`ltbench.html_page`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,10 @@ class Table:
     groups: list[tuple[str, int]]  # (dataset label, number of metric columns)
     columns: list[str]  # metric label per column
     rows: list[tuple[str, list[Cell], str]]  # (label, cells, kind: run | paper | delta)
-    notes: list[str]
+    notes: list[str]  # about the numbers: printed with the table in every format
+    # about the runs behind the table (incomplete ones left out): for the author, so LaTeX keeps them out of the float
+    warnings: list[str] = field(default_factory=list)
+    column_datasets: list[str] = field(default_factory=list)  # the dataset of each column (HTML's sections)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,7 +56,7 @@ def render_markdown(table: Table) -> str:
         texts = [_md_cell(c) for c in cells]
         lines.append("| " + " | ".join([_md_escape(label), *texts]) + " |")
     out = [_md_text(table.caption), "", *lines]
-    for note in table.notes:
+    for note in [*table.warnings, *table.notes]:
         out += ["", _md_text(note)]
     return "\n".join(out) + "\n"
 
@@ -99,6 +103,10 @@ _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                   "ρ": r"$\rho$", "σ": r"$\sigma$",
                   "×": r"$\times$", "Δ": r"$\Delta$", "±": r"$\pm$", "–": "--", "↳": r"$\hookrightarrow$",
+                  "τ": r"$\tau$", "≥": r"$\geq$", "≤": r"$\leq$", "≈": r"$\approx$", "→": r"$\rightarrow$",
+                  "—": "---", "−": r"$-$", "·": r"$\cdot$", "’": "'",
+                  # the default article's OT1 text font prints <, > and | as ¡, ¿ and an em dash
+                  "<": r"$<$", ">": r"$>$", "|": r"$|$",
                   "\n": " ", "\r": " "}  # a blank line inside a table cell ends the paragraph: an error
 
 
@@ -110,7 +118,33 @@ LATEX_PACKAGES = ("booktabs", "graphicx")  # \toprule etc., \resizebox
 
 
 def render_latex(table: Table, standalone: bool = False) -> str:
-    """A booktabs ``table`` to paste into a paper or, with ``standalone``, a document that compiles on its own."""
+    """A booktabs ``table`` to paste into a paper or, with ``standalone``, a document that compiles on its own.
+
+    The tabular is scaled down to the text width only when it is wider (a narrow table keeps the body's size).
+    The warnings about left-out runs follow the float as comments: they are for the author, not the reader."""
+    notes = "".join(rf"\par {latex_escape(n)}" for n in table.notes)
+    float_ = "\n".join([
+        r"\begin{table}[ht]",
+        r"\centering",
+        rf"\caption{{{latex_escape(table.caption)}}}",
+        r"\setbox0=\hbox{%",
+        *_latex_tabular(table),
+        r"}% shrunk to the text width only when wider than the text",
+        r"\ifdim\wd0>\linewidth\resizebox{\linewidth}{!}{\box0}\else\leavevmode\box0\fi",
+        *([rf"{{\footnotesize{notes}\par}}"] if notes else []),
+        r"\end{table}",
+        *(f"% {' '.join(w.splitlines())}" for w in table.warnings),
+    ]) + "\n"
+    if not standalone:
+        return f"% ltbench report; needs \\usepackage{{{','.join(LATEX_PACKAGES)}}}\n" + float_
+    preamble = [r"\documentclass{article}", r"\usepackage[T1]{fontenc}",
+                r"\usepackage[landscape,margin=1.5cm]{geometry}",
+                *(rf"\usepackage{{{package}}}" for package in LATEX_PACKAGES), r"\begin{document}"]
+    shown = "".join(rf"\par\noindent{{\footnotesize {latex_escape(w)}}}" + "\n" for w in table.warnings)
+    return "\n".join(preamble) + "\n" + float_ + shown + "\\end{document}\n"
+
+
+def _latex_tabular(table: Table) -> list[str]:
     spec = "l" + "".join("r" * width for _, width in table.groups)
     group_row = [""] + [rf"\multicolumn{{{w}}}{{c}}{{{latex_escape(g)}}}" for g, w in table.groups]
     rules, start = [], 2
@@ -121,30 +155,9 @@ def render_latex(table: Table, standalone: bool = False) -> str:
     for label, cells, kind in table.rows:
         name = latex_escape(label) if kind == "run" else rf"\quad\textit{{{latex_escape(label.lstrip('↳ '))}}}"
         body.append(" & ".join([name, *(_latex_cell(c) for c in cells)]) + r" \\")
-    notes = "".join(rf"\par {latex_escape(n)}" for n in table.notes)
-    float_ = "\n".join([
-        r"\begin{table}[ht]",
-        r"\centering",
-        rf"\caption{{{latex_escape(table.caption)}}}",
-        r"\resizebox{\linewidth}{!}{%",
-        rf"\begin{{tabular}}{{{spec}}}",
-        r"\toprule",
-        " & ".join(group_row) + r" \\",
-        " ".join(rules),
-        " & ".join(["method", *(latex_escape(c) for c in table.columns)]) + r" \\",
-        r"\midrule",
-        *body,
-        r"\bottomrule",
-        r"\end{tabular}}",
-        *([rf"{{\footnotesize{notes}\par}}"] if notes else []),
-        r"\end{table}",
-    ]) + "\n"
-    if not standalone:
-        return f"% ltbench report; needs \\usepackage{{{','.join(LATEX_PACKAGES)}}}\n" + float_
-    preamble = [r"\documentclass{article}", r"\usepackage[T1]{fontenc}",
-                r"\usepackage[landscape,margin=1.5cm]{geometry}",
-                *(rf"\usepackage{{{package}}}" for package in LATEX_PACKAGES), r"\begin{document}"]
-    return "\n".join(preamble) + "\n" + float_ + "\\end{document}\n"
+    return [rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(group_row) + r" \\", " ".join(rules),
+            " & ".join(["method", *(latex_escape(c) for c in table.columns)]) + r" \\", r"\midrule", *body,
+            r"\bottomrule", r"\end{tabular}"]
 
 
 def _latex_cell(cell: Cell) -> str:
@@ -155,31 +168,6 @@ def _latex_cell(cell: Cell) -> str:
     n = rf" \textsuperscript{{n={cell.n}}}" if cell.n is not None else ""
     suffix = rf" {{\scriptsize {latex_escape(_suffix(cell).strip())}}}" if _suffix(cell) else ""
     return mean + spread + suffix + n
-
-
-def render_html(table: Table) -> str:
-    from html import escape
-
-    head1 = "".join(f'<th colspan="{w}">{escape(g)}</th>' for g, w in table.groups)
-    head2 = "".join(f"<th>{escape(c)}</th>" for c in table.columns)
-    body = []
-    for label, cells, _ in table.rows:
-        tds = "".join(f'<td align="right">{_html_cell(c)}</td>' for c in cells)
-        body.append(f"<tr><td>{escape(label)}</td>{tds}</tr>")
-    notes = "".join(f"<p>{escape(n)}</p>" for n in table.notes)
-    return (f"<table>\n<caption>{escape(table.caption)}</caption>\n<thead>\n<tr><th rowspan=\"2\">method</th>{head1}"
-            f"</tr>\n<tr>{head2}</tr>\n</thead>\n<tbody>\n" + "\n".join(body) + f"\n</tbody>\n</table>\n{notes}\n")
-
-
-def _html_cell(cell: Cell) -> str:
-    if cell.missing:
-        return "–"
-    from html import escape
-
-    mean = f"<b>{escape(cell.text)}</b>" if cell.bold else escape(cell.text)
-    suffix = f" <small>{escape(_suffix(cell).strip())}</small>" if _suffix(cell) else ""
-    return mean + (f" ± {cell.spread}" if cell.spread else "") + suffix + (f" (n={cell.n})" if cell.n is not None
-                                                                          else "")
 
 
 def render_csv(cells: pd.DataFrame) -> str:
@@ -195,7 +183,7 @@ def render_json(table: Table, cells: pd.DataFrame, runs: RunSet, options: Report
     payload = {"caption": table.caption, "options": {k: list(v) if isinstance(v, tuple) else v
                                                      for k, v in options.__dict__.items()},
                "cells": records, "runs": run_rows, "incomplete": _nan_to_none(runs.incomplete),
-               "notes": table.notes}
+               "notes": [*table.warnings, *table.notes]}
     return json.dumps(payload, indent=2, sort_keys=True) + "\n"
 
 

@@ -14,7 +14,6 @@ differ, so different versions or settings are never averaged together. Incomplet
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import re
@@ -30,7 +29,6 @@ from ltbench.compare import (
     baseline_row,
     baseline_rows,
     interval_text,
-    mean_at,
     oracle_rows,
     search_note,
     subset_cell,
@@ -38,7 +36,14 @@ from ltbench.compare import (
     varies_subsets,
 )
 from ltbench.errors import UserError
-from ltbench.render import Cell, Table, render_csv, render_html, render_json, render_latex, render_markdown
+from ltbench.html_page import FigureSource, render_page
+from ltbench.paper_numbers import (  # noqa: F401 (condition_holds, match_reference: re-exported)
+    add_reference,
+    condition_holds,
+    match_reference,
+    reference_numbers,
+)
+from ltbench.render import Cell, Table, render_csv, render_json, render_latex, render_markdown
 from ltbench.runset import (
     FORMATS,
     LOWER_IS_BETTER,
@@ -167,93 +172,6 @@ def natural_key(text: Any) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference numbers
-
-
-def reference_numbers() -> pd.DataFrame:
-    """The published numbers shipped with ltbench (``ltbench/reference/paper_numbers.csv``)."""
-    from importlib.resources import files
-
-    text = files("ltbench").joinpath("reference/paper_numbers.csv").read_text()
-    data = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
-    text_columns = ("match", "split", "preset", "epochs", "selection", "eval_every")
-    return pd.read_csv(io.StringIO(data), dtype=dict.fromkeys(text_columns, str), keep_default_na=False,
-                       na_values={"rho": [""], "value": [""]})
-
-
-def match_reference(ref: pd.DataFrame, method: str, dataset: str, rho: float, metric: str, split: str,
-                    flat: Mapping[str, str]) -> pd.Series | None:
-    """The most specific reference row whose method, cell, metric, split and conditions fit the run."""
-    same_rho = ref["rho"].isna() if math.isnan(rho) else np.isclose(ref["rho"].fillna(-1), rho)
-    rows = ref[(ref["method"] == method) & (ref["dataset"] == dataset) & same_rho & (ref["metric"] == metric)]
-    if metric in ("many", "medium", "few"):
-        rows = rows[rows["split"] == split]
-    best, best_specificity = None, -1
-    for _, row in rows.iterrows():
-        conditions = [c for c in row["match"].split(";") if c.strip()]
-        if all(condition_holds(c, flat) for c in conditions) and len(conditions) > best_specificity:
-            best, best_specificity = row, len(conditions)
-    return best
-
-
-def condition_holds(condition: str, flat: Mapping[str, str]) -> bool:
-    negate = "!=" in condition
-    key, _, expected = condition.partition("!=" if negate else "=")
-    actual = flat.get(key.strip())
-    if actual is None:
-        return False
-    equal = _same(actual, expected.strip())
-    return not equal if negate else equal
-
-
-def _same(a: str, b: str) -> bool:
-    try:
-        return math.isclose(float(a), float(b))
-    except ValueError:
-        return a.lower() == b.lower()
-
-
-def add_reference(cells: pd.DataFrame, runs: RunSet, options: ReportOptions) -> pd.DataFrame:
-    """Per cell: ``paper``, ``paper_source``, ``paper_label``; ``not_comparable`` (why, when the runs' recipe is not
-    the source's); ``compared`` (the runs' mean at the source's epoch selection) and ``compared_at``; ``coarse_eval``
-    (the runs' evaluation interval when coarser than the source's, else 0); ``delta`` = compared - paper."""
-    ref = reference_numbers()
-    out = cells.copy()
-    facts = [_reference_facts(ref, cell, runs, options) for _, cell in cells.iterrows()]
-    for key in ("paper", "paper_source", "paper_label", "not_comparable", "compared", "compared_at", "coarse_eval"):
-        out[key] = [f[key] for f in facts]
-    out["delta"] = [math.nan if f["not_comparable"] else f["compared"] - f["paper"] for f in facts]
-    return out
-
-
-def _reference_facts(ref: pd.DataFrame, cell: pd.Series, runs: RunSet, options: ReportOptions) -> dict[str, Any]:
-    ids = cell["run_ids"].split(";")
-    flat = runs.flat_configs[ids[0]]
-    row = match_reference(ref, cell["method"], cell["dataset"], cell["rho"], cell["metric"], options.split, flat)
-    if row is None:
-        return {"paper": math.nan, "paper_source": "", "paper_label": "", "not_comparable": "",
-                "compared": math.nan, "compared_at": options.select, "coarse_eval": 0}
-    # a source that reports its best test epoch is compared with the runs' oracle, and says so
-    at = "oracle" if row["selection"] == "best" else options.select
-    compared = cell["mean"] if at == options.select else mean_at(runs, ids, "oracle", cell["head"], cell["metric"])
-    intervals = [runs.selection.get(i, {}).get("eval_every") or 0 for i in ids]
-    coarse = max(intervals) if row["eval_every"] and max(intervals) > int(row["eval_every"]) else 0
-    return {"paper": float(row["value"]), "paper_source": f"{row['source']} [{row['tag']}]",
-            "paper_label": row["label"], "not_comparable": _recipe_mismatch(row, flat), "compared": compared,
-            "compared_at": at, "coarse_eval": coarse}
-
-
-def _recipe_mismatch(row: pd.Series, flat: Mapping[str, str]) -> str:
-    """"not comparable (preset tiny)" when the run's preset or epochs differ from the source's recipe, else ""."""
-    reasons = []
-    if row["preset"] and flat.get("preset") != row["preset"]:
-        reasons.append(f"preset {flat.get('preset', '-')}")
-    if row["epochs"] and not _same(flat.get("epochs", "-"), row["epochs"]):
-        reasons.append(f"{flat.get('epochs', '-')} epochs, source {row['epochs']}")
-    return f"not comparable ({', '.join(reasons)})" if reasons else ""
-
-
-# ----------------------------------------------------------------------------------------------
 # One table
 
 
@@ -283,8 +201,9 @@ def build_table(cells: pd.DataFrame, runs: RunSet, options: ReportOptions) -> Ta
             rows += _reference_rows(found, options)
     _bold_best(rows, [m for *_, m in columns], options.digits)
     groups = _groups(columns, data_labels(cells))
-    return Table(_caption(options, usual_n, cells), groups, [METRIC_LABELS[m] for *_, m in columns], rows,
-                 _notes(runs, cells, options))
+    caption = _caption(options, usual_n, cells, _settings_text(cells, runs, data_labels(cells)))
+    return Table(caption, groups, [METRIC_LABELS[m] for *_, m in columns], rows,
+                 _notes(runs, cells, options), _excluded_note(runs), [ds for ds, *_ in columns])
 
 
 def _rho_key(rho: float) -> float:
@@ -308,12 +227,32 @@ def _table_columns(cells: pd.DataFrame) -> list[tuple[str, float, str, str]]:
 def _groups(columns: list[tuple[str, float, str, str]], labels: Mapping[tuple[str, str], str]) -> list[tuple[str, int]]:
     groups: list[tuple[str, int]] = []
     for ds, rk, data, _ in columns:
-        label = " ".join(part for part in (ds, "" if rk < 0 else f"ρ={rk:g}", labels[ds, data]) if part)
+        label = _column_label(ds, rk, labels[ds, data])
         if groups and groups[-1][0] == label:
             groups[-1] = (label, groups[-1][1] + 1)
         else:
             groups.append((label, 1))
     return groups
+
+
+def _column_label(dataset: str, rho_key: float, data_label: str) -> str:
+    return " ".join(part for part in (dataset, "" if rho_key < 0 else f"ρ={rho_key:g}", data_label) if part)
+
+
+def _settings_text(cells: pd.DataFrame, runs: RunSet, labels: Mapping[tuple[str, str], str]) -> str:
+    """For each row whose columns ran another preset or number of epochs: which column ran what. (A row label names
+    only the keys that differ inside one cell, so a row can hide that its columns ran different recipes.)"""
+    parts = []
+    for row, group in cells.groupby("row", sort=False):
+        settings: dict[str, list[str]] = {}
+        for cell in group.drop_duplicates(["dataset", "rho", "data"]).itertuples():
+            flat = runs.flat_configs[cell.run_ids.split(";")[0]]
+            setting = f"preset {flat.get('preset', '-')}, {flat.get('epochs', '-')} epochs"
+            column = _column_label(cell.dataset, _rho_key(cell.rho), labels[cell.dataset, cell.data])
+            settings.setdefault(setting, []).append(column)
+        if len(settings) > 1:
+            parts.append(f"{row}: " + "; ".join(f"{s} in {', '.join(c)}" for s, c in settings.items()))
+    return f"Columns ran different settings: {' | '.join(parts)}. " if parts else ""
 
 
 def _cell(cell: Any, options: ReportOptions, usual_n: int) -> Cell:
@@ -368,7 +307,7 @@ def _bold_best(rows: list[tuple[str, list[Cell], str]], metrics: list[str], digi
             cell.bold = round(value, digits) == best
 
 
-def _caption(options: ReportOptions, usual_n: int, cells: pd.DataFrame) -> str:
+def _caption(options: ReportOptions, usual_n: int, cells: pd.DataFrame, settings: str = "") -> str:
     spread = "standard deviation" if options.spread == "std" else "standard error"
     marked = " unless marked (n=k)" if (cells["n"] != usual_n).any() else ""
     metric_text = "Accuracy (%)" if set(options.metrics) - {"ece"} else "Expected calibration error (%)"
@@ -392,21 +331,25 @@ def _caption(options: ReportOptions, usual_n: int, cells: pd.DataFrame) -> str:
                  f"interval contains 0 (not significant). ")
     if options.select == "oracle":
         text += "Oracle rows select on the test set; ↳ final and the gap show what that selection adds. "
-    text += "Bold: best per column; –: no finished run; n/a: the group has no class."
+    text += settings + "Bold: best per column; –: no finished run; n/a: the group has no class."
     return text
+
+
+def _excluded_note(runs: RunSet) -> list[str]:
+    if not runs.incomplete:
+        return []
+    by_cell: dict[str, list[str]] = {}
+    for run in runs.incomplete:
+        rho = "" if math.isnan(run["rho"]) else f" ρ={run['rho']:g}"
+        by_cell.setdefault(f"{run['method']} / {run['dataset']}{rho}", []).append(
+            f"seed {run['seed']}: {run['reason']}")
+    ordered = sorted(by_cell.items(), key=lambda kv: natural_key(kv[0]))
+    detail = "; ".join(f"{k} ({', '.join(v)})" for k, v in ordered)
+    return [f"Excluded {len(runs.incomplete)} incomplete run(s): {detail}."]
 
 
 def _notes(runs: RunSet, cells: pd.DataFrame, options: ReportOptions) -> list[str]:
     notes = []
-    if runs.incomplete:
-        by_cell: dict[str, list[str]] = {}
-        for run in runs.incomplete:
-            rho = "" if math.isnan(run["rho"]) else f" ρ={run['rho']:g}"
-            by_cell.setdefault(f"{run['method']} / {run['dataset']}{rho}", []).append(
-                f"seed {run['seed']}: {run['reason']}")
-        ordered = sorted(by_cell.items(), key=lambda kv: natural_key(kv[0]))
-        detail = "; ".join(f"{k} ({', '.join(v)})" for k, v in ordered)
-        notes.append(f"Excluded {len(runs.incomplete)} incomplete run(s): {detail}.")
     if runs.search:
         notes.append(search_note(runs.search))
     if any(flat.get("data.eval_split") == "val" for flat in runs.flat_configs.values()):
@@ -445,8 +388,11 @@ def _incomplete_hint(runs: RunSet) -> str:
 # The whole pipeline
 
 
-def report(results: Path, fmt: str = "markdown", options: ReportOptions | None = None) -> str:
-    """Load the run folders under ``results`` and render the table in ``fmt``."""
+def report(results: Path, fmt: str = "markdown", options: ReportOptions | None = None, *,
+           figures: FigureSource | None = None, page_dir: Path | None = None) -> str:
+    """Load the run folders under ``results`` and render the table in ``fmt``. HTML only: ``figures`` draws the
+    figures the page embeds (``ltbench.plots.page_figures``; none without it), and links to the run folders are
+    relative to ``page_dir``, the folder the page is written to (absolute file URIs without it)."""
     options = options or ReportOptions()
     choice("--format", fmt, FORMATS)
     runs = load_runs(results, options)
@@ -462,5 +408,8 @@ def report(results: Path, fmt: str = "markdown", options: ReportOptions | None =
         return render_json(table, cells, runs, options)
     if fmt == "latex":
         return render_latex(table, standalone=options.standalone)
-    return {"markdown": render_markdown, "html": render_html}[fmt](table)
+    if fmt == "html":
+        return render_page(table, runs, label_rows(runs, options.by), figures(runs, options) if figures else {},
+                           page_dir)
+    return render_markdown(table)
 

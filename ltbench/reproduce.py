@@ -335,21 +335,34 @@ def _matches(cell: Cell, job: sw.Job, flat: Mapping[str, str]) -> bool:
 # Verdicts
 
 
+@dataclass(frozen=True)
+class Reading:
+    """One cell as a verdict read it: the mean over its finished runs, their standard deviation (None for one run)
+    and which seeds and runs those were, out of ``planned`` runs."""
+
+    cell: Cell
+    mean: float | None
+    std: float | None
+    seeds: tuple[int, ...]
+    run_ids: tuple[str, ...]
+    planned: int
+
+    def text(self) -> str:
+        if self.mean is None:
+            return "–"
+        return f"{self.mean:.2f}" + (f" ± {self.std:.2f}" if self.std is not None else "")
+
+
 @dataclass
 class Verdict:
     expectation: Expectation
     status: str  # PASS | FAIL | MISSING
-    measured: str  # the number(s) read, as text
+    measured: str  # the number(s) read, as text (the JSON file keeps the numbers: ``value`` and ``readings``)
     expected: str
     tolerance: str
     value: float | None = None  # the measured number (order: the difference)
     notes: list[str] = field(default_factory=list)
-
-    def row(self) -> dict[str, Any]:
-        return {"expectation": self.expectation.name, "kind": self.expectation.kind,
-                "source": self.expectation.source, "measured": self.measured, "expected": self.expected,
-                "tolerance": self.tolerance, "verdict": self.status, "value": self.value,
-                "notes": "; ".join(self.notes)}
+    readings: tuple[Reading, ...] = ()  # per cell: mean, std, seeds
 
 
 class Metrics:
@@ -367,17 +380,18 @@ class Metrics:
                 self._runs[split] = runset.RunSet(pd.DataFrame(columns=["run_id", "head"]), {})
         return self._runs[split]
 
-    def mean(self, cell: Cell, run_ids: Sequence[str]) -> tuple[float | None, int]:
-        """(mean over the finished seeds, how many finished); (None, 0) when none finished."""
+    def read(self, cell: Cell, run_ids: Sequence[str]) -> Reading:
+        """The cell's mean and std over its finished seeds (mean None when none finished or it has no value)."""
         runs = self.runs(cell.split)
         frame = runs.frame[runs.frame["run_id"].isin(run_ids) & (runs.frame["head"] == cell.head)]
         if frame.empty:
-            return None, 0
+            return Reading(cell, None, None, (), (), len(run_ids))
         subset = runset.RunSet(frame, {rid: runs.flat_configs[rid] for rid in frame["run_id"]})
         options = runset.ReportOptions(split=cell.split, metrics=(cell.metric,), heads=True)
-        cells = rp.aggregate(subset, options)
-        mean = float(cells["mean"].iloc[0])
-        return (None if math.isnan(mean) else mean), int(cells["n"].iloc[0])
+        found = rp.aggregate(subset, options).iloc[0]
+        mean, std = (None if math.isnan(found[k]) else float(found[k]) for k in ("mean", "std"))
+        return Reading(cell, mean, std, tuple(int(s) for s in found["seeds"].split(";")),
+                       tuple(found["run_ids"].split(";")), len(run_ids))
 
     def heads(self, run_id: str) -> set[str]:
         frame = self.runs("counts").frame
@@ -394,41 +408,46 @@ def _judge_one(expectation: Expectation, cells: Mapping[Cell, list[str]], metric
     notes = _retry_notes(results, [rid for cell in expectation.cells for rid in cells[cell]])
     if expectation.kind == "finished":
         return _judge_finished(expectation, cells[expectation.cells[0]], metrics, notes)
-    read = [(cell, *metrics.mean(cell, cells[cell])) for cell in expectation.cells]
-    for cell, _, n in read:
-        if n < len(cells[cell]):
-            notes.append(f"{cell.method}: {n}/{len(cells[cell])} seed(s) finished")
-    measured = " vs ".join(f"{m:.2f}" if m is not None else "–" for _, m, _ in read)
-    if any(m is None for _, m, _ in read):
-        return _verdict(expectation, MISSING, measured, None, notes)
+    read = tuple(metrics.read(cell, cells[cell]) for cell in expectation.cells)
+    for reading in read:
+        if len(reading.run_ids) < reading.planned:
+            notes.append(f"{reading.cell.method}: {len(reading.run_ids)}/{reading.planned} seed(s) finished")
+    measured = " vs ".join(r.text() for r in read)
+    if any(r.mean is None for r in read):
+        return _verdict(expectation, MISSING, measured, None, notes, read)
     if expectation.kind == "value":
-        value = read[0][1]
+        value = read[0].mean
         ok = abs(value - expectation.expected) <= expectation.tolerance
-        return _verdict(expectation, PASS if ok else FAIL, f"{value:.2f}", value, notes)
-    difference = read[0][1] - read[1][1]
+        return _verdict(expectation, PASS if ok else FAIL, measured, value, notes, read)
+    difference = read[0].mean - read[1].mean
     status = PASS if difference >= expectation.margin else FAIL
-    return _verdict(expectation, status, f"{measured} (Δ {difference:+.2f})", difference, notes)
+    return _verdict(expectation, status, f"{measured} (Δ {difference:+.2f})", difference, notes, read)
 
 
 def _judge_finished(expectation: Expectation, run_ids: Sequence[str], metrics: Metrics, notes: list[str]) -> Verdict:
     runs = metrics.runs("counts")
     finished = [rid for rid in run_ids if rid in runs.flat_configs]
+    seeds = runs.frame.drop_duplicates("run_id").set_index("run_id")["seed"]
+    read = (Reading(expectation.cells[0], None, None, tuple(int(seeds[r]) for r in finished), tuple(finished),
+                    len(run_ids)),)
     absent = sorted({h for rid in finished for h in expectation.heads if h not in metrics.heads(rid)})
     measured = f"{len(finished)}/{len(run_ids)} run(s) finished"
     if absent:
         notes.append(f"head(s) {', '.join(absent)} absent")
-        return _verdict(expectation, FAIL, measured, None, notes)
-    return _verdict(expectation, PASS if len(finished) == len(run_ids) else MISSING, measured, None, notes)
+        return _verdict(expectation, FAIL, measured, None, notes, read)
+    status = PASS if len(finished) == len(run_ids) else MISSING
+    return _verdict(expectation, status, measured, None, notes, read)
 
 
-def _verdict(expectation: Expectation, status: str, measured: str, value: float | None, notes: list[str]) -> Verdict:
+def _verdict(expectation: Expectation, status: str, measured: str, value: float | None, notes: list[str],
+             readings: tuple[Reading, ...]) -> Verdict:
     if expectation.kind == "value":
         expected, tolerance = f"{expectation.expected:.2f}", f"± {expectation.tolerance:g}"
     elif expectation.kind == "order":
         expected, tolerance = f"Δ ≥ {expectation.margin:+g}", "–"
     else:
         expected, tolerance = f"head(s) {', '.join(expectation.heads)}", "–"
-    return Verdict(expectation, status, measured, expected, tolerance, value, notes)
+    return Verdict(expectation, status, measured, expected, tolerance, value, notes, readings)
 
 
 def _retry_notes(results: Path, run_ids: Sequence[str]) -> list[str]:

@@ -92,6 +92,7 @@ class RunSet:
     selection: dict[str, dict[str, Any]] = field(default_factory=dict)
     # the trials of `ltbench tune` searches, listed apart: their selection used val, the cells hold only real runs
     search: list[dict[str, Any]] = field(default_factory=list)
+    results: Path | None = None  # the folder read (figures read the runs' per-epoch metrics through it)
 
 
 def load_runs(results: Path, options: ReportOptions | None = None) -> RunSet:
@@ -127,14 +128,14 @@ def load_runs(results: Path, options: ReportOptions | None = None) -> RunSet:
             continue
         flat[folder.name] = flatten_config(config, result)
         rows += _head_rows(folder.name, config, result, options)
-        per_class[folder.name] = {"class_counts": result.get("class_counts"),
+        per_class[folder.name] = {"class_counts": result.get("class_counts"), "class_names": result.get("class_names"),
                                   "test_counts": (result.get("eval_class_counts") or {}).get("test"), "heads": {
             head: m.get("per_class") for head, m in result[BLOCK[options.select]]["heads"].items()}}
         selection[folder.name] = _selection_facts(result, options.split)
         if options.adjust is not None:
             rows += _posthoc_rows(record, config, result, options, flat, incomplete)
     columns = ["run_id", "method", "dataset", "rho", "data", "seed", "subsample_seed", "head", "epoch", *METRICS]
-    return RunSet(pd.DataFrame(rows, columns=columns), flat, incomplete, per_class, selection, search)
+    return RunSet(pd.DataFrame(rows, columns=columns), flat, incomplete, per_class, selection, search, Path(results))
 
 
 def _posthoc_rows(record: RunRecord, config: Mapping[str, Any], result: Mapping[str, Any], options: ReportOptions,

@@ -57,6 +57,7 @@ class ResultFile(_Open):
     final: EvaluatedEpoch | None = None
     best: EvaluatedEpoch | None = None
     class_counts: list[Count]
+    class_names: list[str] | None = None  # since 2026-12; [] when the dataset names none
     eval_every: Count | None = None
     device: str | None = None
     wall_time_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
@@ -125,6 +126,18 @@ class PosthocFile(_Open):
     run_id: str
     rule: str
     taus: dict[str, EvaluatedEpoch]
+
+
+class VerdictRow(_Open):
+    verdict: Literal["PASS", "FAIL", "MISSING"]
+
+
+class VerdictFile(_Open):
+    """verdict.json of ``ltbench reproduce``: what ``reproduce --list`` shows of a suite's last call."""
+
+    suite: str
+    date: str
+    verdicts: list[VerdictRow]
 
 
 class CheckpointOrigin(_Open):

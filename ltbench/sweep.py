@@ -370,7 +370,8 @@ def describe_job(job: Job) -> dict[str, str]:
     role = "run" if job.requested else "upstream"
     progress = f"{job.epochs_done}/{job.epochs}" if job.status != "new" else f"0/{job.epochs}"
     swept = {"set": " ".join(job.swept)} if job.swept else {}
-    return {"run id": job.run_id, "method": job.config.method, "dataset": job.config.dataset,
+    return {"run id": job.run_id, "method": job.config.method, "preset": job.config.preset,
+            "dataset": job.config.dataset,
             "rho": num_text(rho) if rho is not None else "-", "seed": _seed_text(job.config), **swept, "role": role,
             "wave": str(job.wave), "status": job.status, "epochs": progress}
 

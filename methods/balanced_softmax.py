@@ -16,6 +16,8 @@ from ltbench.methods.logit_adjust import LogitAdjust
 class BalancedSoftmax(LogitAdjust):
     """Balanced Softmax: cross-entropy on z + log n_c in training (= logit adjustment with tau = 1)."""
 
+    display_name = "Balanced Softmax"  # how papers write it (figure titles, legends)
+
     Hparams = CNNHparams  # no tau: Balanced Softmax is the tau = 1 case
 
     def tau(self) -> float:

@@ -43,6 +43,8 @@ class CBFocalHparams(CNNHparams):
 class CBFocal(ERMCNN):
     """Class-balanced sigmoid focal loss: effective-number weights (beta 0.9999), gamma 1, prior-initialised bias."""
 
+    display_name = "CB focal"  # how papers write it (figure titles, legends)
+
     Hparams = CBFocalHparams
     presets = CNN_PRESETS
 

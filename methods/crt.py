@@ -120,5 +120,7 @@ class Decoupled(ERMCNN):
 class CRT(Decoupled):
     """cRT: a re-initialised linear classifier trained on the frozen stage-1 features with class-balanced sampling."""
 
+    display_name = "cRT"  # how papers write it (figure titles, legends)
+
     def build_head(self, stage1_fc: nn.Module) -> nn.Module:
         return nn.Linear(self.backbone.feat_dim, self.info.num_classes)

@@ -49,6 +49,8 @@ class DeiTHparams(ViTHparams):
 class DeiT(ERMViT):
     """Distilled ViT with hard distillation from an in-distribution CE-trained CNN (the DeiT baseline)."""
 
+    display_name = "DeiT"  # how papers write it (figure titles, legends)
+
     name = "deit"
     Hparams = DeiTHparams
     batch_structure = "(x, soft_targets, y, y_teacher)"

@@ -74,6 +74,8 @@ DEITLT_PRESETS = _with_drw(VIT_PRESETS, {
 class DeiTLT(DeiT):
     """DeiT-LT: OOD distillation from a flat CNN teacher, DRW-weighted DIST loss in the last phase."""
 
+    display_name = "DeiT-LT"  # how papers write it (figure titles, legends)
+
     name = "deitlt"
     Hparams = DeiTLTHparams
     presets = DEITLT_PRESETS

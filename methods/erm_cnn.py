@@ -91,6 +91,8 @@ ERM_SAM = {"*": {"sam_rho": 0.1}, "cifar100lt": {"sam_rho": 0.2}, **{n: {"sam_rh
 class ERMCNN(Method):
     """ResNet-32 / ResNet-50 with plain cross-entropy (LDAM-DRW's CIFAR recipe, Saddle's large-dataset one)."""
 
+    display_name = "CE"  # how papers write it (figure titles, legends)
+
     Hparams = CNNHparams
     presets = {
         "paper": ERM_PAPER,

@@ -117,6 +117,8 @@ VIT_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 class ERMViT(Method):
     """ViT from scratch, cross-entropy on Mixup/CutMix-ed, RandAugment-ed images."""
 
+    display_name = "ERM-ViT"  # how papers write it (figure titles, legends)
+
     name = "erm_vit"
     Hparams = ViTHparams
     batch_structure = "(x, soft_targets, y)"  # Mixup/CutMix (or smoothed one-hot) targets, hard labels

@@ -58,6 +58,8 @@ LDAM_TINY = layered(TINY, {"*": {"lr": 0.05, "drw_epoch": 1}})  # LDAM's s = 30 
 class LDAMDRW(ERMCNN):
     """LDAM margins on a cosine classifier, deferred re-weighting by effective number (CIFAR: from epoch 160)."""
 
+    display_name = "LDAM-DRW"  # how papers write it (figure titles, legends)
+
     Hparams = LDAMHparams
     presets = {
         "paper": LDAM_PAPER,

@@ -157,6 +157,8 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
 class LiVTPretrain(ERMViT):
     """LiVT stage 1: masked generative pretraining (MAE) on the long-tailed training set; reused by ``livt``."""
 
+    display_name = "LiVT MGP"  # how papers write it (figure titles, legends)
+
     Hparams = MGPHparams
     presets = MGP_PRESETS
     batch_structure = "(x, y)"
@@ -211,6 +213,8 @@ _ENCODER_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", 
 
 class LiVT(ERMViT):
     """LiVT: an MAE-pretrained ViT (stage ``livt_mgp`` on the LT set) fine-tuned with Balanced BCE."""
+
+    display_name = "LiVT"  # how papers write it (figure titles, legends)
 
     Hparams = LiVTHparams
     presets = BFT_PRESETS

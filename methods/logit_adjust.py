@@ -37,6 +37,8 @@ class LogitAdjustHparams(CNNHparams):
 class LogitAdjust(ERMCNN):
     """Logit-adjusted cross-entropy: tau * log(prior) added to the logits in training only (Menon et al. 2021)."""
 
+    display_name = "Logit adjustment"  # how papers write it (figure titles, legends)
+
     Hparams = LogitAdjustHparams
     presets = CNN_PRESETS
 

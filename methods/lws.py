@@ -28,6 +28,8 @@ class ScaledClassifier(nn.Module):
 class LWS(Decoupled):
     """LWS: learnable per-class scales on the frozen stage-1 classifier, trained with class-balanced sampling."""
 
+    display_name = "LWS"  # how papers write it (figure titles, legends)
+
     def build_head(self, stage1_fc: nn.Module) -> nn.Module:
         return ScaledClassifier(stage1_fc, self.info.num_classes)
 

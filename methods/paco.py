@@ -169,6 +169,8 @@ class KeyEncoder(nn.Module):
 class PaCo(ERMCNN):
     """Parametric contrastive learning: momentum keys, a queue and learnable class centres (logit-adjusted)."""
 
+    display_name = "PaCo"  # how papers write it (figure titles, legends)
+
     Hparams = PaCoHparams
     VERSION = 2  # 2: the initial queue is normalised as the released code does (was per key: queue_init=unit)
     batch_structure = "(query_view, y, keys, queue, queue_labels)"

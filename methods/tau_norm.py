@@ -56,6 +56,8 @@ class NormalisedClassifier(nn.Module):
 class TauNorm(Decoupled):
     """tau-normalisation: stage-1 class vectors divided by ||w_c||^tau, bias dropped; no training (tau stated)."""
 
+    display_name = "τ-norm"  # how papers write it (figure titles, legends)
+
     Hparams = TauNormHparams
     presets = {"paper": INPUT_PAPER, "short": INPUT_PAPER, "tiny": layered({"*": {"workers": 0}}, INPUT_TINY)}
 

@@ -34,6 +34,7 @@ def test_run_folder_contents(tmp_path):
     assert result["epoch_numbering"].startswith("1-based")
     assert set(result["final"]["heads"]["main"]) >= {"top1", "per_class", "ece", "counts", "paper"}
     assert result["images_per_s"] > 0 and result["parameters"] > 0 and result["class_counts"][0] == 60
+    assert result["class_names"] == [f"class_{i}" for i in range(len(result["class_counts"]))]  # figures use them
     assert len(record.metrics()) == 2
     ckpt = torch.load(record.checkpoint_path, weights_only=True)  # loads without unpickling code
     assert ckpt["epoch"] == 2 and "model" in ckpt["modules"]

@@ -22,7 +22,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
     3: ("engine", "teacher"),  # training
     4: ("methods.*",),  # methods
     5: ("stages", "bench", "reevaluate", "posthoc", "datainfo", "export"),  # orchestration
-    6: ("sweep", "launcher", "tuning", "runset", "render", "compare", "report"),  # many runs
+    6: ("sweep", "launcher", "tuning", "runset", "render", "compare", "paper_numbers", "html_page",
+        "report"),  # many runs
     7: ("projection", "preflight", "reproduce", "verdict_files", "plots", "terminal", "console"),  # presentation
     8: ("cli_options", "cli_data", "cli_runs", "cli_models", "cli", "__main__", "__init__"),  # the command line
 }

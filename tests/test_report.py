@@ -206,24 +206,59 @@ def test_latex_escaping_and_balance():
     tex = render("latex", heads=True, compare="paper")
     assert tex.count("{") == tex.count("}") and tex.count(r"\begin{") == tex.count(r"\end{")
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex and "erm\\_vit" in tex
-    assert "erm_vit" not in tex.replace("erm\\_vit", "")
+    typeset = "\n".join(line for line in tex.splitlines() if not line.startswith("%"))  # comments stay verbatim
+    assert "erm_vit" not in typeset.replace("erm\\_vit", "")
 
 
-LATEX_DOCUMENT = ("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\begin{document}\n%s\n"
-                  "\\end{document}\n")
+# The minimal document the fragment's header comment asks for: the default article (OT1 text font) with booktabs and
+# graphicx. \resizebox is wrapped to say in the log when the table was scaled.
+LATEX_DOCUMENT = ("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n"
+                  "\\let\\plainresizebox\\resizebox\\renewcommand\\resizebox{\\typeout{ltbench-resized}\\plainresizebox}\n"
+                  "\\begin{document}\n%s\n\\end{document}\n")
+# Every variant of the LaTeX output: each adds its own rows, symbols and notes. The last one is narrow.
+LATEX_VARIANTS = {
+    "default": {},
+    "heads-paper-compare": {"heads": True, "split": "paper", "compare": "paper"},
+    "oracle-se-ece-compare": {"select": "oracle", "spread": "se", "metrics": ("top1", "ece"), "compare": "paper"},
+    "baseline": {"baseline": "erm_vit (preset=paper, epochs=1200)"},
+    "one-dataset": {"datasets": ("cifar100lt",), "metrics": ("top1",), "ci": False},
+}
+
+
+def _text_outside_math_and_comments(tex: str) -> str:
+    lines = [line for line in tex.splitlines() if not line.startswith(("%", "\\ifdim"))]  # \ifdim's > is TeX
+    return re.sub(r"\$[^$]*\$", "", "\n".join(lines))
+
+
+def test_latex_source_is_safe_in_the_default_font_and_keeps_run_warnings_out_of_the_float():
+    for name, options in LATEX_VARIANTS.items():
+        tex = render("latex", **options)
+        assert not set("<>|") & set(_text_outside_math_and_comments(tex)), name  # OT1 prints them as ¡ ¿ —
+        assert "$>$ 100" in tex or "split" in options or "metrics" in options
+        float_ = tex[tex.index(r"\begin{table}"):tex.index(r"\end{table}")]
+        after = tex.split(r"\end{table}")[1]
+        assert "Excluded" not in float_ and ("% Excluded 1 incomplete run(s)" in after or "datasets" in options)
+        assert r"\ifdim\wd0>\linewidth\resizebox{\linewidth}{!}{\box0}" in tex  # scaled only when wider
+    standalone = render("latex", standalone=True)
+    assert r"\footnotesize Excluded 1 incomplete run(s)" in standalone.split(r"\end{table}")[1]  # shown below it
 
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed (.ci/run installs it)")
-@pytest.mark.parametrize("standalone", [False, True], ids=["fragment-in-article", "standalone"])
-def test_latex_compiles(tmp_path, standalone):
-    """The pasteable fragment inside the minimal document its header comment asks for (article + booktabs), and
-    the --standalone document as it is."""
-    source = render("latex", heads=True, compare="paper", standalone=standalone)
-    (tmp_path / "table.tex").write_text(source if standalone else LATEX_DOCUMENT % source)
-    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "table.tex"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout[-2000:]
-    assert (tmp_path / "table.pdf").stat().st_size > 1000
+def test_every_latex_variant_compiles_and_only_wide_tables_are_scaled(tmp_path):
+    """All variants as fragments in one minimal article (one pdflatex call), and the --standalone document."""
+    body = "\n".join(f"\\typeout{{ltbench-variant {name}}}\n" + render("latex", **options)
+                     for name, options in LATEX_VARIANTS.items())
+    (tmp_path / "fragments.tex").write_text(LATEX_DOCUMENT % body)
+    (tmp_path / "standalone.tex").write_text(render("latex", heads=True, compare="paper", standalone=True))
+    for stem in ("fragments", "standalone"):
+        done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", f"{stem}.tex"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-2000:]
+        assert (tmp_path / f"{stem}.pdf").stat().st_size > 1000
+    log = (tmp_path / "fragments.log").read_text(errors="replace")
+    marks = re.findall(r"ltbench-(variant \S+|resized)", log)
+    scaled = {marks[i - 1].split()[1] for i, mark in enumerate(marks) if mark == "resized"}
+    assert scaled == set(LATEX_VARIANTS) - {"one-dataset"}
 
 
 def test_json_and_html_keep_the_numbers():
@@ -231,8 +266,9 @@ def test_json_and_html_keep_the_numbers():
     assert len(payload["cells"]) == len(pd.read_csv(io.StringIO(render("csv"))))
     assert payload["incomplete"][0]["reason"].startswith("unfinished")
     assert len({r["run_id"] for r in payload["runs"]}) == 15 and len(payload["runs"]) == 15 + 6 * 2  # + CLS/DIST
-    html = render("html")
-    assert html.count("<tr>") == 2 + 3 and "<b>" in html and 'colspan="4"' in html
+    html = render("html")  # tests/test_html_report.py checks the page
+    tables = re.findall(r'<table class="report sortable">(.*?)</table>', html, re.S)
+    assert [t.count("<tr><td") for t in tables] == [3, 2] and "<b>" in html and 'colspan="4"' in html
 
 
 def test_filters_and_bad_options(tmp_path):
@@ -283,10 +319,11 @@ def test_per_class_plot_marks_the_groups_bands_the_seeds_and_labels_ticks_plainl
     assert [axes.xaxis.get_major_formatter()(v, 0) for v in (5, 200, 5000)] == ["5", "200", "5,000"]
 
 
-def _write_finished_run(results: Path, data: dict, seed: int, top1: float) -> None:
+def _write_finished_run(results: Path, data: dict, seed: int, top1: float, epochs: int = 2,
+                        preset: str = "tiny") -> None:
     """A minimal finished run folder named by its config's hash, as the report requires."""
-    config = {"method": "erm_cnn", "dataset": "synthetic", "data": data, "hparams": {"epochs": 2}, "seed": seed,
-              "preset": "tiny", "versions": {"schema": 1, "method": 1, "dataset": 1}}
+    config = {"method": "erm_cnn", "dataset": "synthetic", "data": data, "hparams": {"epochs": epochs}, "seed": seed,
+              "preset": preset, "versions": {"schema": 1, "method": 1, "dataset": 1}}
     folder = results / "runs" / RunConfig.from_dict(config).run_id
     folder.mkdir(parents=True)
     groups = {"many": None, "medium": top1, "few": top1}
@@ -307,3 +344,13 @@ def test_runs_on_different_dataset_options_get_their_own_columns(tmp_path):
     [(label, cells, _)] = table.rows  # one row: the data options label columns, not rows
     assert label == "erm_cnn" and not any(cell.bold for cell in cells)  # nothing to compete with in a column
     assert [cells[0].text, cells[4].text] == ["30.50", "60.50"]
+
+
+def test_columns_that_ran_other_presets_or_epochs_say_so_in_the_caption(tmp_path):
+    _write_finished_run(tmp_path, {"rho": 10.0}, 0, 30.0)
+    _write_finished_run(tmp_path, {"rho": 100.0}, 0, 20.0, epochs=5, preset="short")
+    text = rp.report(tmp_path, "markdown")
+    assert "Columns ran different settings: erm_cnn: preset short, 5 epochs in synthetic ρ=100; preset tiny, " \
+           "2 epochs in synthetic ρ=10." in text
+    assert "| erm\\_cnn |" in text  # still one row: the caption, not the label, says it
+    assert "Columns ran different settings" not in render("markdown")  # the golden rows run one recipe each

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from ltbench import paper_numbers, runset
 from ltbench import report as rp
-from ltbench import runset
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 OPTIONS = runset.ReportOptions(compare="paper")
@@ -33,7 +33,7 @@ def test_other_recipes_are_not_compared():
     assert _top1(cells, "erm_vit (preset=paper, epochs=1200)")["not_comparable"] == ""
     flat = {"preset": "paper", "epochs": "100"}
     row = rp.reference_numbers().query("method == 'deitlt' and dataset == 'cifar10lt' and rho == 100").iloc[0]
-    assert rp._recipe_mismatch(row, flat) == "not comparable (100 epochs, source 1200)"
+    assert paper_numbers._recipe_mismatch(row, flat) == "not comparable (100 epochs, source 1200)"
 
 
 def test_best_epoch_sources_are_compared_at_each_runs_best_epoch():

@@ -4,12 +4,15 @@ numbers (PASS / FAIL / MISSING), the eager retry of a compiled run, and the smok
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from ltbench import projection, records, resolve, stages
+import ltbench
+from ltbench import projection, records, resolve, stages, verdict_files
+from ltbench import report as rp
 from ltbench import reproduce as rpd
 from ltbench.errors import UserError
 from ltbench.records import atomic_write_json
@@ -162,12 +165,15 @@ def test_unknown_and_malformed_suites_on_the_command_line(cli, tmp_path):
     assert all(name in listing for name in ("smoke", "cifar10lt-short", "cifar10lt-cnn-paper", "deitlt-paper"))
     rows = {line.split()[0]: line for line in listing.splitlines() if line and not line[0].isspace()}
     assert "One H100/H200" in rows["cifar10lt-short"]  # piped: one unwrapped line per suite, description included
+    assert all("never run: projected only" in rows[name] for name in ("smoke", "deitlt-paper"))
 
 
 def test_dry_run_shows_states_and_projected_hours(cli, tmp_path):
     out = cli("reproduce", "cifar10lt-short", "--dry-run", "--results", str(tmp_path)).output
     assert "6 run(s) (0 upstream), 7 expectation(s): 6 new" in out
     assert out.count(" new ") == 6 and "GPU h" in out and "projected:" in out and "H200" in out
+    ldam = [line.split()[:3] for line in out.splitlines() if re.match(r"[0-9a-f]{12}  ldam_drw ", line)]
+    assert sorted(row[2] for row in ldam) == ["short", "short_sam"]  # the preset column tells the two apart
     assert "compile reduce-overhead, GPUs per run 0.25" in out  # the suite's runtime defaults
     assert "decoupled stage 2 (crt, lws: a classifier on frozen features) is projected at the full network's " \
            "training rate, an upper bound" in " ".join(out.split())
@@ -205,6 +211,49 @@ def test_command_line_verdict_table_files_and_exit_status(cli, golden):
     assert written["exit_code"] == 1 and [v["verdict"] for v in written["verdicts"]].count("PASS") == 4
     markdown = (results / "reproduce" / "golden" / "verdict.md").read_text()
     assert "| **FAIL** |" in markdown and "| **MISSING** |" in markdown and "never trained" in markdown
+
+
+def test_verdict_json_holds_numbers_seeds_and_spread_and_names_the_ltbench_that_judged(cli, golden):
+    path, results = golden
+    cli("reproduce", str(path), "--results", str(results), "--no-train", expect=1)
+    written = json.loads((results / "reproduce" / "golden" / "verdict.json").read_text())
+    assert written["ltbench"] == ltbench.__version__ and written["commit"] == verdict_files.source_commit()
+    assert written["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", written["commit"])
+    first = written["verdicts"][0]  # erm_cnn: 70 and 72 over seeds 0 and 1
+    assert first["value"] == pytest.approx(71.0) and first["expected"] == 71 and first["tolerance"] == 1.5
+    reading = first["readings"][0]
+    assert reading["seeds"] == [0, 1] and reading["n"] == 2 and reading["std"] == pytest.approx(2 ** 0.5)
+    partial = written["verdicts"][2]["readings"]  # ldam_drw: one seed of two, so no spread
+    assert partial[0]["seeds"] == [0] and partial[0]["std"] is None and partial[0]["planned_runs"] == 2
+    for verdict in written["verdicts"]:
+        assert all(verdict[k] is None or isinstance(verdict[k], (int, float)) for k in
+                   ("value", "expected", "tolerance", "margin")), verdict
+    assert all(isinstance(row["epochs"], int) and row["preset"] in ("tiny", "tiny_sam") for row in written["runs"])
+    markdown = (results / "reproduce" / "golden" / "verdict.md").read_text()
+    assert "| 71.00 ± 1.41 | 0,1 |" in markdown and f"ltbench: {ltbench.__version__} (commit" in markdown
+
+
+def test_last_verdict_of_a_suite_for_the_listing(tmp_path):
+    assert verdict_files.last_verdict(tmp_path, "smoke") == "never run: projected only"
+    folder = verdict_files.verdict_folder(tmp_path, "smoke")
+    folder.mkdir(parents=True)
+    atomic_write_json(folder / "verdict.json", {"suite": "smoke", "date": "2026-12-07 10:00 UTC",
+                                                "verdicts": [{"verdict": "PASS"}, {"verdict": "FAIL"}]})
+    assert verdict_files.last_verdict(tmp_path, "smoke") == "1/2 pass, 2026-12-07 10:00 UTC"
+    atomic_write_json(folder / "verdict.json", {"suite": "smoke", "verdicts": "all good"})
+    assert verdict_files.last_verdict(tmp_path, "smoke").startswith("unreadable verdict.json (Run `ltbench")
+
+
+def test_sources_cite_papers_and_shipped_files_and_cpu_numbers_match_the_docs():
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    sources = [e.source for name in rpd.shipped_suites() for e in rpd.load_suite(name).expectations]
+    sources += list(rp.reference_numbers()["source"])
+    for source in sources:
+        for cited in re.findall(r"[\w./-]+\.md\b", source):
+            assert (repo / cited).is_file(), f"{source!r} cites {cited}, which is not in the repository"
+        for number in re.findall(r"reached (\d+\.\d+) on CPU", source):
+            assert number in readme, f"{source!r}: README.md does not give {number}"
 
 
 # ----------------------------------------------------------------------------------------------
