@@ -46,21 +46,27 @@ def _assert_same(a, b):
     return res_a, res_b
 
 
-def test_two_processes_match_one_and_an_interrupted_run_resumes(tmp_path):
-    _run(tmp_path / "one", 1, "--epochs", "2")
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    """The one-process run both layouts are compared with, trained once for the module."""
+    results = tmp_path_factory.mktemp("one-process")
+    _run(results, 1, "--epochs", "2")
+    return results
+
+
+def test_two_processes_match_one_and_an_interrupted_run_resumes(one, tmp_path):
     _run(tmp_path / "two", 2, "--epochs", "2", "--stop-after-epochs", "1")
     assert not any((tmp_path / "two" / "runs").glob("*/DONE"))
     finished = _run(tmp_path / "two", 2, "--epochs", "2")
-    one, two = _assert_same(tmp_path / "one", tmp_path / "two")
-    assert (one["processes"], two["processes"]) == (1, 2)
+    single, two = _assert_same(one, tmp_path / "two")
+    assert (single["processes"], two["processes"]) == (1, 2)
     assert finished.stdout.count("run folder:") == 1  # the final table once, not once per rank
     log = (_result(tmp_path / "two")[0] / "log.txt").read_text()
     assert log.count("training session of run") == 2  # rank 0 alone logs; one header per session
     assert "epoch 1/2" in log and "epoch 2/2" in log
 
 
-def test_resume_on_a_different_number_of_processes(tmp_path):
-    _run(tmp_path / "one", 1, "--epochs", "2")
+def test_resume_on_a_different_number_of_processes(one, tmp_path):
     _run(tmp_path / "mixed", 1, "--epochs", "2", "--stop-after-epochs", "1")
     _run(tmp_path / "mixed", 2, "--epochs", "2")
-    _assert_same(tmp_path / "one", tmp_path / "mixed")
+    _assert_same(one, tmp_path / "mixed")
