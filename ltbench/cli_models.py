@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ltbench.data import default_data_root
+from ltbench.cli_options import make_runtime
 from ltbench.terminal import say
 
 
@@ -23,15 +23,14 @@ from ltbench.terminal import say
 @click.option("--results", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
               help="Results folder holding runs/<run_id>/ (and the run's upstream runs).")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
-              help="Folder with the datasets (default: $LTBENCH_DATA or ./data): the export reads the class names.")
+              help="Folder with the datasets (default: $LTBENCH_DATA or ./data); read only for runs trained before "
+                   "result.json recorded their dataset's facts.")
 def export(run_ref, out, select, adjust, results, data_root) -> None:
     """Write a run's network alone (safetensors) beside its model card; ltbench.load_model(DIR) loads it."""
     from ltbench.export import export_run
     from ltbench.records import find_run
-    from ltbench.runtime import Runtime
 
-    runtime = Runtime(results=results.resolve(), data_root=(data_root or default_data_root()).resolve(),
-                      device="cpu", progress=False, echo=say)
+    runtime = make_runtime(results=results, data_root=data_root, device="cpu", progress=False)
     card = export_run(find_run(runtime.results, run_ref), runtime, out, select, adjust)
     top1 = card["test"]["heads"][card["default_head"]]["top1"]
     say(f"exported run {card['run_id']} ({card['method']}, --select {card['select']}: epoch {card['epoch']}, test "
